@@ -1,0 +1,1 @@
+"""attnlib.data: planned (see shared/DESIGN.md); empty for now."""

@@ -1,0 +1,1 @@
+"""attnlib.decoding: planned (see shared/DESIGN.md); empty for now."""

@@ -1,0 +1,1 @@
+"""attnlib.models: planned (see shared/DESIGN.md); empty for now."""

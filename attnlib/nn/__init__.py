@@ -1,0 +1,1 @@
+"""attnlib.nn: planned (see shared/DESIGN.md); empty for now."""

@@ -1,0 +1,1 @@
+"""The functional primitives: argument checks, pure-JAX references, dispatch."""

@@ -1,0 +1,1 @@
+"""attnlib.sharding: planned (see shared/DESIGN.md); empty for now."""

@@ -1,0 +1,347 @@
+r"""Benchmarks attnlib's primitives against each other and against yardsticks.
+
+Each configuration (one op, one sequence length, one implementation) is jitted,
+warmed up, then timed as the median over --repeats of --iters back-to-back calls
+ended by one block_until_ready. The table gives milliseconds per call, tokens/s,
+TFLOP/s of the op's own arithmetic (see `_Problem.flops`) and the speed-up
+against the first implementation listed (> 1 means faster than it). Results go
+to --out as JSON and a PNG plot (ms against sequence length).
+
+Implementations: the op's backends ("xla", "mosaic_tpu", "mosaic_gpu"), and
+two yardsticks that compute softmax attention of the same q/k/v shapes with the
+same causal flag and window: "cudnn_softmax" (jax.nn.dot_product_attention with
+implementation="cudnn"; GPU only) and "xla_softmax" (the same with "xla").
+
+Examples:
+  # CPU smoke test
+  python experiments/bench.py --op=linear_attention --seq_len=64 --batch=1 \
+      --heads=2 --head_dim=16 --iters=2 --repeats=2 --out=/tmp/bench
+  # H100: the xla reference against cuDNN softmax attention
+  python experiments/bench.py --op=linear_attention --implementation=xla \
+      --implementation=cudnn_softmax --batch=4 --heads=16 --head_dim=128 \
+      --seq_len=2048 --seq_len=8192 --causal --decay=gate --mode=fwd_bwd
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import attnlib as al
+
+OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
+       "sigmoid_attention", "attention_scan", "dot_product_attention")
+YARDSTICKS = ("cudnn_softmax", "xla_softmax")
+
+_OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
+_IMPLEMENTATION = flags.DEFINE_multi_string(
+    "implementation", ["xla"],
+    "Implementations to time, in order; ratios are against the first. An op "
+    "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
+    f"({', '.join(YARDSTICKS)}).")
+_BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
+_SEQ_LEN = flags.DEFINE_multi_integer(
+    "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
+    "of each of --spatial_dims axes).")
+_HEADS = flags.DEFINE_integer("heads", 16, "Query heads.")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", None, "Key/value heads (default: --heads).")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Query/key head dimension.")
+_V_DIM = flags.DEFINE_integer("v_dim", None, "Value head dimension (default: --head_dim).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
+_MODE = flags.DEFINE_enum("mode", "fwd", ["fwd", "fwd_bwd"],
+                          "Forward only, or forward plus gradients of all inputs.")
+_CAUSAL = flags.DEFINE_bool("causal", True, "is_causal, where the op has it.")
+_WINDOW = flags.DEFINE_integer(
+    "window", None, "sliding_window/sigmoid: local window w, meaning (w - 1, 0) "
+    "when --causal else (w, w). Required for sliding_window_attention.")
+_DECAY = flags.DEFINE_enum("decay", "none", ["none", "rate", "gate"],
+                           "linear_attention: no decay, per-head rates [H] or per-token gates [B,T,H].")
+_KERNEL_SIZE = flags.DEFINE_integer("kernel_size", 7, "neighborhood_attention kernel size per axis.")
+_DILATION = flags.DEFINE_integer("dilation", 1, "neighborhood_attention dilation per axis.")
+_STRIDE = flags.DEFINE_integer("stride", 1, "neighborhood_attention stride per axis.")
+_SPATIAL_DIMS = flags.DEFINE_integer("spatial_dims", 2, "neighborhood_attention spatial axes (1-3).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
+_ITERS = flags.DEFINE_integer("iters", 10, "Calls per timed repeat.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas kernels in interpret mode.")
+_OUT = flags.DEFINE_string("out", "out/bench", "Directory for results.json and plot.png.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+  """One op at one size: its inputs, the call, and its arithmetic."""
+  args: tuple[jax.Array, ...]       # differentiable inputs, in call order
+  call: Callable[..., jax.Array]    # call(*args, implementation=...) -> output
+  tokens: int                       # query tokens processed (batch included)
+  flops: float                      # forward FLOPs of the op's math (see _pairs_flops)
+  softmax_flops: float              # forward FLOPs of the softmax yardstick
+  softmax_kwargs: dict              # causal flag / window for the yardstick
+  softmax_shape: tuple[int, int]    # (B, T) of the flattened tokens for the yardstick
+
+
+def _attention_flops(batch: int, heads: int, pairs: float, d: int, dv: int) -> float:
+  """2 FLOPs per multiply-add for q.k (d) and p.v (dv) on each visible pair."""
+  return 2.0 * batch * heads * pairs * (d + dv)
+
+
+def _window_pairs(t: int, left: int, right: int) -> int:
+  """Number of (i, j) with 0 <= i, j < t and i - left <= j <= i + right."""
+  i = np.arange(t)
+  return int(np.sum(np.minimum(i + right, t - 1) - np.maximum(i - left, 0) + 1))
+
+
+def _window() -> tuple[int, int] | None:
+  if _WINDOW.value is None:
+    return None
+  w = _WINDOW.value
+  return (w - 1, 0) if _CAUSAL.value else (w, w)
+
+
+def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
+  b, h, d = _BATCH.value, _HEADS.value, _HEAD_DIM.value
+  hkv = _KV_HEADS.value or h
+  dv = _V_DIM.value or d
+  dtype = jnp.dtype(_DTYPE.value)
+  causal = _CAUSAL.value
+  kq, kk, kv, kg = jax.random.split(key, 4)
+
+  def rand(k, shape, scale=1.0):
+    return (scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+
+  if op == "neighborhood_attention":
+    spatial = (seq_len,) * _SPATIAL_DIMS.value
+    n = math.prod(spatial)
+    q = rand(kq, (b, *spatial, h, d))
+    k = rand(kk, (b, *spatial, hkv, d))
+    v = rand(kv, (b, *spatial, hkv, dv))
+    ks, dil = _KERNEL_SIZE.value, _DILATION.value
+    # Per axis a query sees kernel_size keys (fewer near the start when causal).
+    per_axis = ks
+    if causal:
+      i_g = np.arange(seq_len) // dil
+      per_axis = float(np.mean(np.minimum(i_g + 1, ks)))
+    pairs = n * per_axis ** len(spatial)
+    call = lambda q, k, v, **kw: al.neighborhood_attention(
+        q, k, v, kernel_size=ks, dilation=dil, stride=_STRIDE.value, is_causal=causal, **kw)
+    return _Problem((q, k, v), call, b * n, _attention_flops(b, h, pairs, d, dv),
+                    _attention_flops(b, h, n * n, d, dv), {}, (b, n))
+
+  t = seq_len
+  q = rand(kq, (b, t, h, d))
+  k = rand(kk, (b, t, hkv, d))
+  v = rand(kv, (b, t, hkv, dv))
+  full_pairs = t * (t + 1) // 2 if causal else t * t
+  softmax_kwargs = {"is_causal": causal}
+  softmax_flops = _attention_flops(b, h, full_pairs, d, dv)
+
+  if op == "linear_attention":
+    args = (q, k, v)
+    if _DECAY.value == "rate":
+      decay = jnp.linspace(0.01, 0.5, h, dtype=jnp.float32)
+      call = lambda q, k, v, **kw: al.linear_attention(
+          q, k, v, is_causal=causal, decay=decay, **kw)
+    elif _DECAY.value == "gate":
+      g = jax.nn.log_sigmoid(4.0 + jax.random.normal(kg, (b, t, h), jnp.float32))
+      args = (q, k, v, g)
+      call = lambda q, k, v, g, **kw: al.linear_attention(
+          q, k, v, is_causal=causal, decay=g, **kw)
+    else:
+      call = lambda q, k, v, **kw: al.linear_attention(q, k, v, is_causal=causal, **kw)
+    # Recurrent form: per token and head, S += k^T v (2 K V) and o = q S (2 K V).
+    flops = 4.0 * b * t * h * d * dv
+    return _Problem(args, call, b * t, flops, softmax_flops, softmax_kwargs, (b, t))
+
+  if op in ("sliding_window_attention", "sigmoid_attention", "dot_product_attention"):
+    window = _window()
+    if op == "sliding_window_attention" and window is None:
+      raise app.UsageError("--op=sliding_window_attention needs --window.")
+    pairs = full_pairs
+    if window is not None:
+      pairs = _window_pairs(t, window[0], 0 if causal else window[1])
+      softmax_kwargs = {"is_causal": causal, "local_window_size": window}
+      softmax_flops = _attention_flops(b, h, pairs, d, dv)
+    if op == "sliding_window_attention":
+      call = lambda q, k, v, **kw: al.sliding_window_attention(
+          q, k, v, local_window_size=window, is_causal=causal, **kw)
+    elif op == "sigmoid_attention":
+      call = lambda q, k, v, **kw: al.sigmoid_attention(
+          q, k, v, is_causal=causal, local_window_size=window, **kw)
+    else:
+      def call(q, k, v, implementation=None, interpret=False):
+        del interpret  # jax.nn.dot_product_attention has no Pallas kernel.
+        if implementation != "xla":  # its "cudnn" backend is the cudnn_softmax yardstick
+          raise NotImplementedError(f"dot_product_attention has no {implementation!r} backend")
+        return al.dot_product_attention(q, k, v, implementation="xla", **softmax_kwargs)
+    return _Problem((q, k, v), call, b * t, _attention_flops(b, h, pairs, d, dv),
+                    softmax_flops, softmax_kwargs, (b, t))
+
+  if op == "attention_scan":
+    q1 = rand(kq, (b, h, d))
+    call = lambda q, k, v, **kw: al.attention_scan(q, k, v, **kw)
+    # Per token and head: one logit (2 D) and one weighted value (2 V).
+    flops = 2.0 * b * t * h * (d + dv)
+    return _Problem((q1, k, v), call, b * t, flops, softmax_flops, softmax_kwargs, (b, t))
+
+  raise app.UsageError(f"--op={op!r}: expected one of {OPS}.")
+
+
+def _softmax_yardstick(problem: _Problem, implementation: str) -> tuple[Callable, tuple]:
+  """Softmax attention over the same tokens, heads and dims as the problem."""
+  b, t = problem.softmax_shape
+  d = _HEAD_DIM.value
+  dv = _V_DIM.value or d
+  h, hkv = _HEADS.value, _KV_HEADS.value or _HEADS.value
+  if dv != d:
+    raise app.UsageError("The softmax yardsticks need --v_dim == --head_dim.")
+  dtype = jnp.dtype(_DTYPE.value)
+  key = jax.random.key(1)
+  shapes = ((b, t, h, d), (b, t, hkv, d), (b, t, hkv, d))
+  args = tuple(jax.random.normal(k, s, jnp.float32).astype(dtype)
+               for k, s in zip(jax.random.split(key, 3), shapes))
+  impl = "cudnn" if implementation == "cudnn_softmax" else "xla"
+  call = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, implementation=impl, **problem.softmax_kwargs)
+  return call, args
+
+
+def _timed_fn(call: Callable, n_args: int) -> Callable:
+  if _MODE.value == "fwd":
+    return jax.jit(call)
+  loss = lambda *a: jnp.sum(call(*a).astype(jnp.float32))
+  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n_args))))
+
+
+def _time(fn: Callable, args: tuple) -> float:
+  """Median seconds per call over --repeats groups of --iters calls."""
+  jax.block_until_ready(fn(*args))  # compile
+  for _ in range(_WARMUP.value):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    out = None
+    for _ in range(_ITERS.value):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / _ITERS.value)
+  return statistics.median(samples)
+
+
+def _temp_bytes(fn: Callable, args: tuple) -> int | None:
+  """Scratch memory XLA allocates for one call (compiled memory analysis)."""
+  try:
+    stats = fn.lower(*args).compile().memory_analysis()
+    return int(stats.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except  # not every backend reports it
+    return None
+
+
+def run_one(op: str, seq_len: int, implementation: str) -> dict:
+  problem = _make_problem(op, seq_len, jax.random.key(0))
+  if implementation in YARDSTICKS:
+    if implementation == "cudnn_softmax" and jax.default_backend() != "gpu":
+      raise RuntimeError("cudnn_softmax needs a GPU")
+    call, args = _softmax_yardstick(problem, implementation)
+    flops = problem.softmax_flops
+  else:
+    call = lambda *a: problem.call(*a, implementation=implementation,
+                                   interpret=_INTERPRET.value)
+    args, flops = problem.args, problem.flops
+  fn = _timed_fn(call, len(args))
+  seconds = _time(fn, args)
+  if _MODE.value == "fwd_bwd":
+    flops *= 3.5  # backward ~2.5x the forward's matmuls (FlashAttention's convention)
+  return {
+      "op": op, "implementation": implementation, "seq_len": seq_len,
+      "batch": _BATCH.value, "heads": _HEADS.value, "kv_heads": _KV_HEADS.value or _HEADS.value,
+      "head_dim": _HEAD_DIM.value, "v_dim": _V_DIM.value or _HEAD_DIM.value,
+      "dtype": _DTYPE.value, "mode": _MODE.value, "causal": _CAUSAL.value,
+      "ms": seconds * 1e3, "tokens_per_s": problem.tokens / seconds,
+      "tflops": flops / seconds / 1e12, "temp_bytes": _temp_bytes(fn, args),
+  }
+
+
+def _print_table(rows: list[dict], implementations: list[str]) -> None:
+  header = f"{'seq_len':>8} {'implementation':>15} {'ms':>10} {'Mtok/s':>10} {'TFLOP/s':>9} {'speedup':>8}"
+  print(header)
+  print("-" * len(header))
+  for seq_len in sorted({r["seq_len"] for r in rows}):
+    group = {r["implementation"]: r for r in rows if r["seq_len"] == seq_len}
+    base = group.get(implementations[0])
+    for impl in implementations:
+      r = group.get(impl)
+      if r is None:
+        continue
+      if "error" in r:
+        print(f"{seq_len:>8} {impl:>15} {'failed: ' + r['error'][:60]}")
+        continue
+      ratio = base["ms"] / r["ms"] if base and "ms" in base else float("nan")
+      r["speedup_vs_first"] = ratio
+      print(f"{seq_len:>8} {impl:>15} {r['ms']:>10.3f} {r['tokens_per_s'] / 1e6:>10.2f} "
+            f"{r['tflops']:>9.2f} {ratio:>8.2f}")
+
+
+def _plot(rows: list[dict], path: str, title: str) -> None:
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    logging.warning("matplotlib is not installed (pip install attnlib[bench]); no plot.")
+    return
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for impl in dict.fromkeys(r["implementation"] for r in rows):
+    pts = sorted((r["seq_len"], r["ms"]) for r in rows if r["implementation"] == impl and "ms" in r)
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=impl)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("seq_len")
+  ax.set_ylabel("ms per call")
+  ax.set_title(title, fontsize=9)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  implementations = list(dict.fromkeys(_IMPLEMENTATION.value))
+  rows = []
+  for seq_len in _SEQ_LEN.value:
+    for impl in implementations:
+      try:
+        rows.append(run_one(_OP.value, seq_len, impl))
+      except (RuntimeError, NotImplementedError, ValueError) as e:
+        logging.warning("%s seq_len=%d %s: %s", _OP.value, seq_len, impl, e)
+        rows.append({"op": _OP.value, "implementation": impl, "seq_len": seq_len,
+                     "error": f"{type(e).__name__}: {e}"})
+  title = (f"{_OP.value} {_MODE.value} B={_BATCH.value} H={_HEADS.value} "
+           f"D={_HEAD_DIM.value} {_DTYPE.value} on {jax.devices()[0].device_kind}")
+  print(title)
+  _print_table(rows, implementations)
+  os.makedirs(_OUT.value, exist_ok=True)
+  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "flags": {f.name: f.value for f in flags.FLAGS.get_key_flags_for_module(__name__)}}
+  with open(os.path.join(_OUT.value, "results.json"), "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
+  _plot(rows, os.path.join(_OUT.value, "plot.png"), title)
+  if not any("ms" in r for r in rows):
+    raise SystemExit("every configuration failed")
+
+
+if __name__ == "__main__":
+  app.run(main)

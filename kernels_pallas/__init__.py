@@ -1,0 +1,1 @@
+"""Raw pallas_call builders (no autodiff wiring, no public promises). Never imports attnlib."""
