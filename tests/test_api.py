@@ -15,6 +15,14 @@ import attnlib as al
 B, T, H, HKV, D = 2, 11, 4, 2, 8
 
 
+@pytest.fixture(autouse=True)
+def _exact_matmuls():
+  """Float32 matmuls at full precision, so that comparisons between primitives
+  hold to 1e-5 on GPUs/TPUs too (their default is reduced precision)."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _inputs(spatial=(T,), q_heads=H):
   keys = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(keys[0], (B, *spatial, q_heads, D))
@@ -70,3 +78,27 @@ def test_implementation_names(name):
   for kernel in ("mosaic_tpu", "mosaic_gpu"):
     with pytest.raises(NotImplementedError, match=kernel):
       fn(q, k, v, implementation=kernel)
+
+
+# Identities between primitives (each side computed by a different primitive).
+
+def test_causal_1d_neighborhood_is_causal_sliding_window():
+  q, k, v = _inputs()
+  for kernel_size in (2, 3, 6):
+    na = al.neighborhood_attention(q, k, v, kernel_size=kernel_size, is_causal=True)
+    sw = al.sliding_window_attention(q, k, v, local_window_size=(kernel_size - 1, 0),
+                                     is_causal=True)
+    np.testing.assert_allclose(na, sw, atol=1e-5, rtol=1e-5)
+
+
+def test_full_window_sliding_window_is_softmax_attention():
+  q, k, v = _inputs()
+  sw = al.sliding_window_attention(q, k, v, local_window_size=T)
+  np.testing.assert_allclose(sw, al.dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_scan_last_output_is_causal_softmax_last_row():
+  q, k, v = _inputs()
+  scan = al.attention_scan(q[:, -1], k, v)                      # the last query, every prefix
+  full = al.dot_product_attention(q[:, -1:], k, v)              # [B, 1, H, V]
+  np.testing.assert_allclose(scan[:, -1], full[:, 0], atol=1e-5, rtol=1e-5)

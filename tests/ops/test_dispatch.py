@@ -19,6 +19,7 @@ def _kernel(*_):
   return "kernel"
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU choice")
 def test_none_picks_xla_on_cpu():
   assert _dispatch.select("op", None, {"xla": _xla}) is _xla
   assert _dispatch.select("op", None, {"xla": _xla, "mosaic_gpu": _kernel}) is _xla
