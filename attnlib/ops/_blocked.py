@@ -44,7 +44,6 @@ size of k and v.
 from __future__ import annotations
 
 from collections.abc import Callable
-import math
 from typing import Any
 
 import jax
@@ -265,8 +264,3 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   # [nb, B, Hkv, G, Bq, V] -> [B, nb * Bq, H, V]
   outs = outs.transpose(1, 0, 4, 2, 3, 5).reshape(b, tq_pad, h, v.shape[-1])
   return outs[:, :tq].astype(q.dtype)
-
-
-def default_scale(q: jax.Array, scale: float | None) -> float:
-  """head_dim ** -0.5 when `scale` is None, else float(scale)."""
-  return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -69,6 +69,11 @@ def check_scale(op: str, scale: Any) -> None:
     fail(op, "scale", scale, "a finite float")
 
 
+def default_scale(head_dim: int, scale: Any) -> float:
+  """The logit scale: head_dim ** -0.5 when `scale` is None, else float(scale)."""
+  return head_dim ** -0.5 if scale is None else float(scale)
+
+
 def is_concrete(x: Any) -> bool:
   """True when `x` holds values now (not a tracer inside jit/vmap/grad)."""
   return not isinstance(x, jax.core.Tracer)

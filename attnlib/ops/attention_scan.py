@@ -195,10 +195,6 @@ def _check_state(op: str, name: str, state: Any, batch: int, heads: int,
                    "values >= 0")
 
 
-def _default_scale(q: jax.Array, scale: float | None) -> float:
-  return q.shape[-1] ** -0.5 if scale is None else float(scale)
-
-
 # ----------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------
@@ -262,7 +258,7 @@ def attention_scan(
   _checks.check_bool(_OP, "return_final_state", return_final_state)
   impl = _dispatch.select(_OP, implementation, {"xla": _attention_scan_xla},
                           interpret)
-  o, final_state = impl(q, k, v, _default_scale(q, scale), initial_state)
+  o, final_state = impl(q, k, v, _checks.default_scale(q.shape[-1], scale), initial_state)
   return (o, final_state) if return_final_state else o
 
 
@@ -398,7 +394,7 @@ def attention_scan_step(
   # No value checks: they would read the state back to the host every token.
   _check_state(_STEP_OP, "state", state, batch, heads, v_dim,
                check_values=False)
-  return _step_xla(state, q, k, v, _default_scale(q, scale))
+  return _step_xla(state, q, k, v, _checks.default_scale(q.shape[-1], scale))
 
 
 @jax.jit

@@ -101,10 +101,6 @@ def _log_gates(decay: Array | None, gate_shape: tuple[int, ...]) -> Array | None
   return decay
 
 
-def _default_scale(scale: float | None, head_dim: int) -> float:
-  return head_dim ** -0.5 if scale is None else float(scale)
-
-
 # ----------------------------------------------------------------------------
 # The "xla" implementation.
 # ----------------------------------------------------------------------------
@@ -319,7 +315,7 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
   else:
     s0 = jnp.asarray(initial_state, jnp.float32)
   o, final_state = impl(q, k, v, _log_gates(decay, (b, t, h)), s0,
-                        _default_scale(scale, dk), is_causal=bool(is_causal),
+                        _checks.default_scale(dk, scale), is_causal=bool(is_causal),
                         chunk_size=int(CHUNK_SIZE))
   return (o, final_state) if return_final_state else o
 
@@ -369,5 +365,5 @@ def linear_attention_step(state: Array, q: Array, k: Array, v: Array, *,
   s = s + kv[:, :, None]
   o = jnp.einsum("bhgk,bhgkv->bhgv", q.reshape(b, hkv, g, dk), s,
                  preferred_element_type=f32)
-  o = _default_scale(scale, dk) * o
+  o = _checks.default_scale(dk, scale) * o
   return o.reshape(b, h, dv).astype(q.dtype), s.reshape(b, h, dk, dv)

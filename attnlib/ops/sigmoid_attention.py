@@ -135,4 +135,4 @@ def sigmoid_attention(
     bias = jnp.asarray(bias, jnp.float32)
   left, right = _blocked.band(q.shape[1], k.shape[1], window, bool(is_causal))
   return impl(q, k, v, bias, left=left, right=right,
-              scale=_blocked.default_scale(q, scale), block_q=BLOCK_Q)
+              scale=_checks.default_scale(q.shape[-1], scale), block_q=BLOCK_Q)

@@ -87,7 +87,7 @@ def sliding_window_attention(
   impl = _dispatch.select(_OP, implementation, {"xla": _xla_impl}, interpret)
   left, right = _blocked.band(q.shape[1], k.shape[1], window, bool(is_causal))
   return impl(q, k, v, left=left, right=right,
-              scale=_blocked.default_scale(q, scale), block_q=BLOCK_Q)
+              scale=_checks.default_scale(q.shape[-1], scale), block_q=BLOCK_Q)
 
 
 __all__ = ["sliding_window_attention"]

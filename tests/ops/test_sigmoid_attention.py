@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ from jax.test_util import check_grads
 import attnlib as al
 from attnlib.ops import _blocked
 from attnlib.ops import sigmoid_attention as sig_module
+from tests.jaxpr_sizes import largest_array
 from tests.oracles import sigmoid_attention as oracle
 
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -167,13 +167,6 @@ def test_large_logits_are_finite(is_causal, window):
   want = oracle.sigmoid_attention(q, k, v, bias=HEAD_BIAS, is_causal=is_causal,
                                   left=left, right=right)
   np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
-
-
-def largest_array(f, *args) -> int:
-  """Most elements of any array in the jaxpr of f(*args) (nested jaxprs too)."""
-  text = str(jax.make_jaxpr(f)(*args))
-  shapes = re.findall(r"(?:f32|bool|i32)\[([0-9,]*)\]", text)
-  return max(math.prod(int(n) for n in s.split(",") if n) for s in shapes)
 
 
 def test_full_span_backward_recomputes_blocks(monkeypatch):

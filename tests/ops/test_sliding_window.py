@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +12,7 @@ from jax.test_util import check_grads
 import attnlib as al
 from attnlib.ops import _blocked
 from attnlib.ops import sliding_window as sw_module
+from tests.jaxpr_sizes import largest_array
 from tests.oracles import sliding_window as oracle
 
 F32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -163,13 +162,6 @@ def test_large_logits_are_finite(window, is_causal):
   want = oracle.sliding_window_attention(q, k, v, left=left, right=right,
                                          is_causal=is_causal)
   np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
-
-
-def largest_array(f, *args) -> int:
-  """Most elements of any array in the jaxpr of f(*args) (nested jaxprs too)."""
-  text = str(jax.make_jaxpr(f)(*args))
-  shapes = re.findall(r"(?:f32|bool|i32)\[([0-9,]*)\]", text)
-  return max(math.prod(int(n) for n in s.split(",") if n) for s in shapes)
 
 
 def test_banded_path_memory_is_linear(monkeypatch):
