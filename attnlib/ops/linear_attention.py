@@ -21,18 +21,24 @@ for the scores and O(T / C * K * V) for the per-chunk states, never O(T^2).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
+from attnlib.ops import _linear_attention_pallas
+from kernels_pallas.linear_attention import tpu as la_tpu
 
 # Steps per chunk of the blocked "xla" implementation. Read at call time, so
 # tests may set it small to cross chunk boundaries with short sequences.
 CHUNK_SIZE = 64
+# Tokens per chunk of the Mosaic TPU kernels (128 lanes: the TPU's grain).
+TPU_CHUNK = 128
 
 _OP = "al.linear_attention"
 _STEP_OP = "al.linear_attention_step"
@@ -230,6 +236,35 @@ def _xla_impl(q: Array, k: Array, v: Array, log_g: Array | None, s0: Array,
 _xla_impl_jit = jax.jit(_xla_impl, static_argnames=("is_causal", "chunk_size"))
 
 
+def _mosaic_tpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
+                     s0: Array, scale: float, *, is_causal: bool,
+                     chunk_size: int, interpret: bool) -> tuple[Array, Array]:
+  """The Mosaic TPU kernels (forward and backward); non-causal stays in XLA.
+
+  `chunk_size` (the xla chunk) is not used: the kernels tile by
+  `TPU_CHUNK` tokens, 128 lanes wide.
+  """
+  del chunk_size
+  if not is_causal:  # two matmuls: nothing for a kernel to add
+    o, state = _xla_noncausal(q, k, v, s0, scale)
+    return o.astype(q.dtype), state
+  params = pltpu.InterpretParams() if interpret else False
+  return _linear_attention_pallas.causal(
+      la_tpu, q, k, v, log_g, s0, scale, chunk=TPU_CHUNK, interpret=params)
+
+
+def _backends(dk: int, dv: int, implementation: str | None) -> dict:
+  """The implementations that can run this call (see `_dispatch.select`)."""
+  backends = {"xla": _xla_impl_jit}
+  if _linear_attention_pallas.supports(la_tpu, dk, dv):
+    backends["mosaic_tpu"] = _mosaic_tpu_impl
+  elif implementation == "mosaic_tpu":
+    _checks.fail(_OP, "q.shape[-1], v.shape[-1]", (dk, dv),
+                 f"head dims of at most {max(la_tpu.SUPPORTED_HEAD_DIMS)} for "
+                 "implementation='mosaic_tpu'")
+  return backends
+
+
 # ----------------------------------------------------------------------------
 # Public API.
 # ----------------------------------------------------------------------------
@@ -275,9 +310,14 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
     scale: multiplies the outputs; None means K ** -0.5.
     initial_state: None or S_0 [B, H, K, V] (any float dtype, used in float32).
     return_final_state: also return S_T.
-    implementation: None or "xla" (the blocked pure-JAX version); kernels
-      named in `attnlib.ops._dispatch.BACKENDS` raise NotImplementedError.
-    interpret: Pallas interpret mode for kernels (unused by "xla").
+    implementation: "xla" (the blocked pure-JAX version); "mosaic_tpu" (the
+      Pallas TPU kernels of kernels_pallas/linear_attention/tpu.py, forward
+      and backward, for K and V up to 256, zero-padded to 64/128/256, T
+      padded to 128-token chunks; non-causal calls are two XLA matmuls); None
+      picks mosaic_tpu on TPU (and with interpret=True) when the head dims
+      fit, else xla. "mosaic_gpu" is not written yet: NotImplementedError.
+    interpret: run the Pallas kernels in interpret mode (TPU semantics,
+      pltpu.InterpretParams), e.g. on CPU; unused by "xla".
 
   Returns:
     o [B, T, H, V] in q.dtype, or (o, S_T) with S_T float32 [B, H, K, V] when
@@ -290,7 +330,8 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
       positive log-gates (checked when concrete), decay with is_causal=False,
       initial_state not [B, H, K, V], a bad scale, non-bool flags or an
       unknown implementation.
-    NotImplementedError: implementation="mosaic_tpu" / "mosaic_gpu".
+    ValueError: also implementation="mosaic_tpu" with K or V above 256.
+    NotImplementedError: implementation="mosaic_gpu".
   """
   _check_qkv(_OP, q, k, v, rank=4)
   b, t, h, dk = q.shape
@@ -307,8 +348,10 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
     _check_state(_OP, "initial_state", initial_state, (b, h, dk, dv))
   _checks.check_scale(_OP, scale)
   _checks.check_positive_int(_OP, "CHUNK_SIZE", CHUNK_SIZE)
-  impl = _dispatch.select(_OP, implementation, {"xla": _xla_impl_jit},
+  impl = _dispatch.select(_OP, implementation, _backends(dk, dv, implementation),
                           interpret)
+  if impl is not _xla_impl_jit:
+    impl = functools.partial(impl, interpret=interpret)
 
   if initial_state is None:
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32)

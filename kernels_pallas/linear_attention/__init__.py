@@ -1,0 +1,1 @@
+"""Raw Pallas builders for blocked linear attention (Lightning Attention-2)."""
