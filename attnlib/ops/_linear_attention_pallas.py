@@ -1,8 +1,9 @@
 """Causal linear attention through the Pallas kernels, with a custom VJP.
 
 `attnlib.linear_attention` calls `causal(...)` for implementation="mosaic_tpu"
-(and, once its backward exists, "mosaic_gpu"). This module adapts the public
-layout to the kernels' and back:
+and "mosaic_gpu". This module adapts the public layout to the kernels' and
+back (kernels without backward kernels, Mosaic GPU's for now, get their
+gradients from the VJP of the xla reference, recomputing the forward in XLA):
 
 * [B, T, H, K] -> [B, H, T, K] (the kernels tile the sequence of one head);
 * T padded to a multiple of the chunk with k = v = 0 and g = 0 (padded steps
@@ -23,6 +24,7 @@ layout to the kernels' and back:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 from types import ModuleType
 
@@ -42,27 +44,70 @@ def _head_dim(d: int, supported: tuple[int, ...]) -> int | None:
   return min(fits) if fits else None
 
 
-def supports(kernels: ModuleType, dk: int, dv: int) -> bool:
-  """Whether the kernels handle K = dk and V = dv (after zero padding)."""
+def supports(kernels: ModuleType, dk: int, dv: int, dtype) -> bool:
+  """Whether the kernels handle K = dk, V = dv (after zero padding) and dtype."""
   dims = kernels.SUPPORTED_HEAD_DIMS
-  return _head_dim(dk, dims) is not None and _head_dim(dv, dims) is not None
+  return (_head_dim(dk, dims) is not None and _head_dim(dv, dims) is not None
+          and jnp.dtype(dtype) in [jnp.dtype(d) for d in kernels.SUPPORTED_DTYPES])
 
 
 def causal(kernels: ModuleType, q: Array, k: Array, v: Array,
            log_g: Array | None, s0: Array, scale: float, *, chunk: int,
-           interpret) -> tuple[Array, Array]:
+           interpret, reference: Callable | None = None) -> tuple[Array, Array]:
   """o [B, T, H, V] (q.dtype) and S_T float32 [B, H, K, V] via `kernels`.
 
   Args:
-    kernels: a module with `linear_attention_fwd`, `linear_attention_bwd`
-      and `SUPPORTED_HEAD_DIMS` (kernels_pallas.linear_attention.tpu).
+    kernels: a module with `linear_attention_fwd`, `SUPPORTED_HEAD_DIMS`,
+      `SUPPORTED_DTYPES` and, if it has backward kernels,
+      `linear_attention_bwd` (kernels_pallas.linear_attention.tpu).
     q, k, v: [B, T, H, K], [B, T, Hkv, K], [B, T, Hkv, V].
     log_g: None or float32 [B, T, H] log-decays <= 0.
     s0: float32 [B, H, K, V] initial state.
     scale: output scale.
     chunk: the kernels' chunk length.
     interpret: passed to the kernels (False or an interpret-params object).
+    reference: for kernels without a backward: (q, k, v, log_g, s0, scale)
+      -> (o float32, S_T) in this layout, whose VJP gives the gradients (the
+      forward still runs the kernel). A module-level function (it is a cache
+      key).
   """
+  if not hasattr(kernels, "linear_attention_bwd"):
+    return _reference_vjp(kernels, float(scale), chunk, interpret, reference)(
+        q, k, v, log_g, s0)
+  return _forward(kernels, q, k, v, log_g, s0, scale, chunk=chunk,
+                  vjp=_kernel_vjp(kernels, float(scale), chunk, interpret))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_vjp(kernels: ModuleType, scale: float, chunk: int, interpret,
+                   reference: Callable):
+  """custom_vjp: the kernel forward, the reference's VJP backward."""
+  fwd_kernel = functools.partial(kernels.linear_attention_fwd, scale=scale,
+                                 chunk=chunk, interpret=interpret)
+
+  def run(q, k, v, g, s0):
+    return _forward(kernels, q, k, v, g, s0, scale, chunk=chunk, vjp=fwd_kernel)
+
+  @jax.custom_vjp
+  def f(q, k, v, g, s0):
+    return run(q, k, v, g, s0)
+
+  def f_fwd(q, k, v, g, s0):
+    return run(q, k, v, g, s0), (q, k, v, g, s0)
+
+  def f_bwd(res, cotangents):
+    d_o, d_st = cotangents
+    _, pullback = jax.vjp(lambda *a: reference(*a, scale), *res)
+    return pullback((d_o.astype(jnp.float32), d_st))
+
+  f.defvjp(f_fwd, f_bwd)
+  return f
+
+
+def _forward(kernels: ModuleType, q: Array, k: Array, v: Array,
+             log_g: Array | None, s0: Array, scale: float, *, chunk: int,
+             vjp: Callable) -> tuple[Array, Array]:
+  """Pads and transposes to the kernels' layout, calls `vjp`, and back."""
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   kp = _head_dim(dk, kernels.SUPPORTED_HEAD_DIMS)
@@ -78,7 +123,7 @@ def causal(kernels: ModuleType, q: Array, k: Array, v: Array,
   if log_g is not None:
     gk = jnp.swapaxes(jnp.pad(log_g, ((0, 0), (0, tp - t), (0, 0))), 1, 2)
   s0k = jnp.pad(s0, ((0, 0), (0, 0), (0, kp - dk), (0, vp - dv)))
-  o, s_t = _kernel_vjp(kernels, float(scale), chunk, interpret)(qk, kk, vk, gk, s0k)
+  o, s_t = vjp(qk, kk, vk, gk, s0k)
   o = jnp.swapaxes(o, 1, 2)[:, :t, :, :dv]
   return o, s_t[:, :, :dk, :dv]
 

@@ -25,6 +25,7 @@ import functools
 from typing import Any
 
 import jax
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
 from attnlib.ops import _linear_attention_pallas
+from kernels_pallas.linear_attention import mosaic_gpu as la_gpu
 from kernels_pallas.linear_attention import tpu as la_tpu
 
 # Steps per chunk of the blocked "xla" implementation. Read at call time, so
@@ -39,6 +41,8 @@ from kernels_pallas.linear_attention import tpu as la_tpu
 CHUNK_SIZE = 64
 # Tokens per chunk of the Mosaic TPU kernels (128 lanes: the TPU's grain).
 TPU_CHUNK = 128
+# Tokens per chunk of the Mosaic GPU kernel (64 keeps K = 128 within shared memory).
+GPU_CHUNK = 64
 
 _OP = "al.linear_attention"
 _STEP_OP = "al.linear_attention_step"
@@ -253,15 +257,59 @@ def _mosaic_tpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
       la_tpu, q, k, v, log_g, s0, scale, chunk=TPU_CHUNK, interpret=params)
 
 
-def _backends(dk: int, dv: int, implementation: str | None) -> dict:
-  """The implementations that can run this call (see `_dispatch.select`)."""
+def _xla_causal_reference(q: Array, k: Array, v: Array, log_g: Array | None,
+                          s0: Array, scale: float) -> tuple[Array, Array]:
+  """The xla forward whose VJP serves kernels that have no backward yet."""
+  return _xla_causal(q, k, v, log_g, s0, scale, int(CHUNK_SIZE))
+
+
+def _mosaic_gpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
+                     s0: Array, scale: float, *, is_causal: bool,
+                     chunk_size: int, interpret: bool) -> tuple[Array, Array]:
+  """The Mosaic GPU forward kernel (Hopper); gradients from the xla VJP.
+
+  The backward kernels are not written yet (issue 3), so differentiating
+  recomputes the forward with the xla implementation and uses its VJP.
+  """
+  del chunk_size
+  if not is_causal:
+    o, state = _xla_noncausal(q, k, v, s0, scale)
+    return o.astype(q.dtype), state
+  params = plgpu.InterpretGPUParams() if interpret else False
+  return _linear_attention_pallas.causal(
+      la_gpu, q, k, v, log_g, s0, scale, chunk=GPU_CHUNK, interpret=params,
+      reference=_xla_causal_reference)
+
+
+def _is_hopper() -> bool:
+  device = jax.devices()[0]
+  return (device.platform == "gpu"
+          and str(getattr(device, "compute_capability", "")).startswith("9"))
+
+
+def _backends(dk: int, dv: int, dtype, implementation: str | None,
+              interpret: bool) -> dict:
+  """The implementations that can run this call (see `_dispatch.select`).
+
+  A kernel is offered when the call fits it (head dims after padding, dtype)
+  and, for Mosaic GPU, when the device is a Hopper GPU or interpret mode runs
+  it; naming a kernel that does not fit raises ValueError.
+  """
   backends = {"xla": _xla_impl_jit}
-  if _linear_attention_pallas.supports(la_tpu, dk, dv):
-    backends["mosaic_tpu"] = _mosaic_tpu_impl
-  elif implementation == "mosaic_tpu":
-    _checks.fail(_OP, "q.shape[-1], v.shape[-1]", (dk, dv),
-                 f"head dims of at most {max(la_tpu.SUPPORTED_HEAD_DIMS)} for "
-                 "implementation='mosaic_tpu'")
+  kernels = {"mosaic_tpu": (la_tpu, _mosaic_tpu_impl, True),
+             "mosaic_gpu": (la_gpu, _mosaic_gpu_impl, interpret or _is_hopper())}
+  for name, (module, impl, device_ok) in kernels.items():
+    fits = _linear_attention_pallas.supports(module, dk, dv, dtype)
+    if fits and device_ok:
+      backends[name] = impl
+    elif implementation == name:
+      _checks.fail(
+          _OP, "implementation", name,
+          f"a backend that fits this call: the {name} kernels take head dims "
+          f"up to {max(module.SUPPORTED_HEAD_DIMS)} (got K={dk}, V={dv}) and "
+          f"dtypes {[jnp.dtype(d).name for d in module.SUPPORTED_DTYPES]} "
+          f"(got {jnp.dtype(dtype).name})"
+          + ("" if device_ok else ", on a Hopper GPU or with interpret=True"))
   return backends
 
 
@@ -312,12 +360,17 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
     return_final_state: also return S_T.
     implementation: "xla" (the blocked pure-JAX version); "mosaic_tpu" (the
       Pallas TPU kernels of kernels_pallas/linear_attention/tpu.py, forward
-      and backward, for K and V up to 256, zero-padded to 64/128/256, T
-      padded to 128-token chunks; non-causal calls are two XLA matmuls); None
-      picks mosaic_tpu on TPU (and with interpret=True) when the head dims
-      fit, else xla. "mosaic_gpu" is not written yet: NotImplementedError.
-    interpret: run the Pallas kernels in interpret mode (TPU semantics,
-      pltpu.InterpretParams), e.g. on CPU; unused by "xla".
+      and backward; K, V up to 256, zero-padded to 64/128/256; T padded to
+      128-token chunks); "mosaic_gpu" (the Hopper forward kernel of
+      kernels_pallas/linear_attention/mosaic_gpu.py; K, V up to 128; bf16 or
+      f16; gradients from the xla implementation's VJP until its backward
+      kernels exist). Non-causal calls are two XLA matmuls under every
+      backend. None picks mosaic_tpu on TPU, mosaic_gpu on Hopper GPUs (and
+      with interpret=True, mosaic_tpu) when the call fits the kernel, else
+      xla; naming a kernel that does not fit raises ValueError.
+    interpret: run the Pallas kernels in interpret mode on CPU (TPU semantics
+      with pltpu.InterpretParams, Mosaic GPU with plgpu.InterpretGPUParams);
+      unused by "xla".
 
   Returns:
     o [B, T, H, V] in q.dtype, or (o, S_T) with S_T float32 [B, H, K, V] when
@@ -330,8 +383,8 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
       positive log-gates (checked when concrete), decay with is_causal=False,
       initial_state not [B, H, K, V], a bad scale, non-bool flags or an
       unknown implementation.
-    ValueError: also implementation="mosaic_tpu" with K or V above 256.
-    NotImplementedError: implementation="mosaic_gpu".
+    ValueError: also a named kernel that does not fit the call (head dims,
+      dtype, or mosaic_gpu off Hopper without interpret).
   """
   _check_qkv(_OP, q, k, v, rank=4)
   b, t, h, dk = q.shape
@@ -348,7 +401,7 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
     _check_state(_OP, "initial_state", initial_state, (b, h, dk, dv))
   _checks.check_scale(_OP, scale)
   _checks.check_positive_int(_OP, "CHUNK_SIZE", CHUNK_SIZE)
-  impl = _dispatch.select(_OP, implementation, _backends(dk, dv, implementation),
+  impl = _dispatch.select(_OP, implementation, _backends(dk, dv, q.dtype, implementation, interpret),
                           interpret)
   if impl is not _xla_impl_jit:
     impl = functools.partial(impl, interpret=interpret)

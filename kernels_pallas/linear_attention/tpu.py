@@ -52,6 +52,7 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 SUPPORTED_CHUNKS = (64, 128, 256)
 
 

@@ -344,8 +344,9 @@ def test_implementation_xla_and_kernels():
   np.testing.assert_array_equal(
       np.asarray(al.linear_attention(q, k, v, implementation="xla")),
       np.asarray(al.linear_attention(q, k, v)))
-  # The Mosaic TPU kernels are tested in test_linear_attention_kernels.py.
-  with pytest.raises(NotImplementedError, match="implementation"):
+  # The kernels are tested in test_linear_attention_kernels.py. Mosaic GPU
+  # needs a Hopper GPU (or interpret=True) and bf16/f16 inputs.
+  with pytest.raises(ValueError, match="implementation='mosaic_gpu'.*Hopper"):
     al.linear_attention(q, k, v, implementation="mosaic_gpu")
 
 

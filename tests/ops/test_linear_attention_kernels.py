@@ -116,3 +116,60 @@ def test_public_op_and_its_gradient_lower_for_tpu(dtype):
                              platforms=["tpu"])(*args).mlir_module()
   assert fwd.count("tpu_custom_call") == 1
   assert grad.count("tpu_custom_call") == 3
+
+
+# --- Mosaic GPU (forward kernel; gradients from the xla VJP), in its interpret mode.
+
+def _gpu(q, k, v, d, s0):
+  return al.linear_attention(q, k, v, decay=d, initial_state=s0, return_final_state=True,
+                             implementation="mosaic_gpu", interpret=True)
+
+
+@pytest.mark.parametrize("decay", ["gate", None])
+def test_mosaic_gpu_forward_and_gradients(decay):
+  # T = 70: not a multiple of the 64-token chunk; K = 40, V = 64 (K padded to 64); GQA.
+  q, k, v, d, s0 = _inputs(5, t=70, h=2, hkv=1, dk=40, dv=64, decay=decay,
+                           dtype=jnp.bfloat16)
+  o, s = _gpu(q, k, v, d, s0)
+  o_ref, s_ref = _oracle(q, k, v, d, s0)
+  assert o.dtype == jnp.bfloat16
+  for got, want in ((o, o_ref), (s, s_ref)):
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got.astype(jnp.float32) / scale, want / scale, atol=2e-2)
+  rng = np.random.default_rng(6)
+  w_o = jnp.asarray(rng.normal(size=o.shape), jnp.float32)
+  w_s = jnp.asarray(rng.normal(size=s.shape), jnp.float32)
+  argnums = (0, 1, 2, 4) if d is None else (0, 1, 2, 3, 4)
+  grads = jax.grad(lambda *a: _loss(_gpu, *a, w_o, w_s), argnums)(q, k, v, d, s0)
+  want = jax.grad(lambda *a: _loss(_oracle, *a, w_o, w_s), argnums)(q, k, v, d, s0)
+  for g, g_ref in zip(grads, want):
+    scale = float(jnp.abs(g_ref.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(g, np.float32) / scale,
+                               np.asarray(g_ref, np.float32) / scale, atol=2e-2)
+
+
+def test_mosaic_gpu_refuses_what_it_cannot_run():
+  q, k, v, d, s0 = _inputs(7, t=8, dk=64, dv=64)  # float32
+  with pytest.raises(ValueError, match="implementation='mosaic_gpu'.*float32"):
+    _gpu(q, k, v, d, s0)
+  q, k, v, d, s0 = _inputs(7, t=8, dk=256, dv=64, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="K=256"):
+    _gpu(q, k, v, d, s0)
+
+
+@pytest.mark.skipif(not (jax.default_backend() == "gpu"
+                         and str(getattr(jax.devices()[0], "compute_capability", "")
+                                 ).startswith("9")), reason="needs a Hopper GPU")
+def test_mosaic_gpu_on_hopper_matches_xla():
+  q, k, v, d, s0 = _inputs(8, b=2, t=1000, h=4, hkv=2, dk=128, dv=128, dtype=jnp.bfloat16)
+
+  def run(impl):
+    f = lambda *a: al.linear_attention(*a, decay=d, initial_state=s0, return_final_state=True,
+                                       implementation=impl)
+    (o, s), pullback = jax.vjp(f, q, k, v)
+    return (o, s) + pullback((jnp.ones_like(o), jnp.ones_like(s)))
+
+  for got, want in zip(jax.jit(lambda: run("mosaic_gpu"))(), jax.jit(lambda: run("xla"))()):
+    scale = float(jnp.abs(want.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32) / scale,
+                               np.asarray(want, np.float32) / scale, atol=2e-2)
