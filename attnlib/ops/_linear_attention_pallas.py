@@ -5,10 +5,14 @@ and "mosaic_gpu". This module adapts the public layout to the kernels' and
 back (kernels without backward kernels, Mosaic GPU's for now, get their
 gradients from the VJP of the xla reference, recomputing the forward in XLA):
 
-* [B, T, H, K] -> [B, H, T, K] (the kernels tile the sequence of one head);
-* T padded to a multiple of the chunk with k = v = 0 and g = 0 (padded steps
-  leave the state unchanged); K and V padded with zeros to a head dim the
-  kernel supports (zero columns change no dot product and are sliced away);
+* [B, T, H, K] -> [B, H, T, K] (the kernels tile the sequence of one head),
+  except for kernels with `SEQ_MAJOR = True` (Mosaic GPU's forward), which
+  read and write the public [B, T, H, *] layout themselves (`seq_major=True`),
+  so no transposes are paid;
+* only where needed: T padded to a multiple of the chunk with k = v = 0 and
+  g = 0 (padded steps leave the state unchanged); K and V padded with zeros
+  to a head dim the kernel supports (zero columns change no dot product and
+  are sliced away);
 * per-head rates arrive as broadcast log-gates [B, T, H] (done by the caller);
 * the backward kernels return dk, dv per *query* head: each group of H // Hkv
   query heads is summed into its kv head here;
@@ -74,19 +78,24 @@ def causal(kernels: ModuleType, q: Array, k: Array, v: Array,
   if not hasattr(kernels, "linear_attention_bwd"):
     return _reference_vjp(kernels, float(scale), chunk, interpret, reference)(
         q, k, v, log_g, s0)
+  # The backward kernels (and _kernel_vjp's head reductions) are head-major.
   return _forward(kernels, q, k, v, log_g, s0, scale, chunk=chunk,
-                  vjp=_kernel_vjp(kernels, float(scale), chunk, interpret))
+                  vjp=_kernel_vjp(kernels, float(scale), chunk, interpret),
+                  seq_major=False)
 
 
 @functools.lru_cache(maxsize=None)
 def _reference_vjp(kernels: ModuleType, scale: float, chunk: int, interpret,
                    reference: Callable):
   """custom_vjp: the kernel forward, the reference's VJP backward."""
+  seq_major = bool(getattr(kernels, "SEQ_MAJOR", False))
+  extra = dict(seq_major=True) if seq_major else {}
   fwd_kernel = functools.partial(kernels.linear_attention_fwd, scale=scale,
-                                 chunk=chunk, interpret=interpret)
+                                 chunk=chunk, interpret=interpret, **extra)
 
   def run(q, k, v, g, s0):
-    return _forward(kernels, q, k, v, g, s0, scale, chunk=chunk, vjp=fwd_kernel)
+    return _forward(kernels, q, k, v, g, s0, scale, chunk=chunk, vjp=fwd_kernel,
+                    seq_major=seq_major)
 
   @jax.custom_vjp
   def f(q, k, v, g, s0):
@@ -106,26 +115,39 @@ def _reference_vjp(kernels: ModuleType, scale: float, chunk: int, interpret,
 
 def _forward(kernels: ModuleType, q: Array, k: Array, v: Array,
              log_g: Array | None, s0: Array, scale: float, *, chunk: int,
-             vjp: Callable) -> tuple[Array, Array]:
-  """Pads and transposes to the kernels' layout, calls `vjp`, and back."""
+             vjp: Callable, seq_major: bool) -> tuple[Array, Array]:
+  """Pads (where needed) to the kernels' layout, calls `vjp`, and back.
+
+  seq_major: the kernel takes [B, T, heads, *] as is; otherwise the arrays are
+  transposed to [B, heads, T, *] and o back.
+  """
   b, t, h, dk = q.shape
   dv = v.shape[-1]
   kp = _head_dim(dk, kernels.SUPPORTED_HEAD_DIMS)
   vp = _head_dim(dv, kernels.SUPPORTED_HEAD_DIMS)
   tp = _round_up(t, chunk)
 
-  def to_kernel(x, d_pad):  # [B, T, heads, d] -> [B, heads, Tp, d_pad]
-    x = jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, d_pad - x.shape[-1])))
-    return jnp.swapaxes(x, 1, 2)
+  def pad(x, widths):  # no pad op at all when nothing is padded
+    return jnp.pad(x, widths) if any(w != (0, 0) for w in widths) else x
+
+  def to_kernel(x, d_pad):  # [B, T, heads, d] -> kernel layout, Tp, d_pad
+    x = pad(x, ((0, 0), (0, tp - t), (0, 0), (0, d_pad - x.shape[-1])))
+    return x if seq_major else jnp.swapaxes(x, 1, 2)
 
   qk, kk, vk = to_kernel(q, kp), to_kernel(k, kp), to_kernel(v, vp)
   gk = None
   if log_g is not None:
-    gk = jnp.swapaxes(jnp.pad(log_g, ((0, 0), (0, tp - t), (0, 0))), 1, 2)
-  s0k = jnp.pad(s0, ((0, 0), (0, 0), (0, kp - dk), (0, vp - dv)))
+    gk = pad(log_g, ((0, 0), (0, tp - t), (0, 0)))
+    gk = gk if seq_major else jnp.swapaxes(gk, 1, 2)
+  s0k = pad(s0, ((0, 0), (0, 0), (0, kp - dk), (0, vp - dv)))
   o, s_t = vjp(qk, kk, vk, gk, s0k)
-  o = jnp.swapaxes(o, 1, 2)[:, :t, :, :dv]
-  return o, s_t[:, :, :dk, :dv]
+  if not seq_major:
+    o = jnp.swapaxes(o, 1, 2)
+  if (tp, vp) != (t, dv):
+    o = o[:, :t, :, :dv]
+  if (kp, vp) != (dk, dv):
+    s_t = s_t[:, :, :dk, :dv]
+  return o, s_t
 
 
 @functools.lru_cache(maxsize=None)

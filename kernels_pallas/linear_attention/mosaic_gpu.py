@@ -65,19 +65,30 @@ import jax.numpy as jnp
 SUPPORTED_HEAD_DIMS = _SUPPORTED_DIMS = (64, 128)
 SUPPORTED_DTYPES = _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _SMEM_LIMIT = 227 * 1024   # per-block opt-in SMEM on H100/H200
+# linear_attention_fwd takes seq_major=True (q/k/v/o as [B, T, heads, *]);
+# attnlib's adapter then skips its transposes.
+SEQ_MAJOR = True
 
 
-def _check_inputs(q, k, v, log_gates, initial_state, chunk, v_block):
+def _check_inputs(q, k, v, log_gates, initial_state, chunk, v_block,
+                  seq_major=False):
   """Validates shapes/dtypes; returns (B, H, Hkv, T, K, V)."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be rank 4, got {q.shape}, {k.shape}, "
                      f"{v.shape}")
-  b, h, t, dk = q.shape
-  _, hkv, _, dv = v.shape
-  if k.shape != (b, hkv, t, dk):
-    raise ValueError(f"k.shape={k.shape} must be {(b, hkv, t, dk)}")
-  if v.shape[:3] != (b, hkv, t):
-    raise ValueError(f"v.shape={v.shape} must start with {(b, hkv, t)}")
+  # lay(b, heads, t, *rest): the shape in the layout the arrays use.
+  if seq_major:
+    b, t, h, dk = q.shape
+    _, _, hkv, dv = v.shape
+    lay = lambda b_, h_, t_, *r: (b_, t_, h_, *r)
+  else:
+    b, h, t, dk = q.shape
+    _, hkv, _, dv = v.shape
+    lay = lambda b_, h_, t_, *r: (b_, h_, t_, *r)
+  if k.shape != lay(b, hkv, t, dk):
+    raise ValueError(f"k.shape={k.shape} must be {lay(b, hkv, t, dk)}")
+  if v.shape[:3] != lay(b, hkv, t):
+    raise ValueError(f"v.shape={v.shape} must start with {lay(b, hkv, t)}")
   if hkv < 1 or h % hkv:
     raise ValueError(f"H={h} must be a multiple of Hkv={hkv}")
   if q.dtype != k.dtype or q.dtype != v.dtype:
@@ -92,8 +103,9 @@ def _check_inputs(q, k, v, log_gates, initial_state, chunk, v_block):
     raise ValueError(f"T={t} must be a positive multiple of chunk={chunk}")
   if v_block not in (64, 128) or dv % v_block:
     raise ValueError(f"v_block={v_block} must be 64 or 128 and divide V={dv}")
-  if log_gates is not None and log_gates.shape != (b, h, t):
-    raise ValueError(f"log_gates.shape={log_gates.shape} must be {(b, h, t)}")
+  if log_gates is not None and log_gates.shape != lay(b, h, t):
+    raise ValueError(f"log_gates.shape={log_gates.shape} must be "
+                     f"{lay(b, h, t)}")
   if initial_state is not None and initial_state.shape != (b, h, dk, dv):
     raise ValueError(f"initial_state.shape={initial_state.shape} must be "
                      f"{(b, h, dk, dv)}")
@@ -145,7 +157,7 @@ def _accumulate(mma, inits, interpret):
 
 def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
                          chunk=64, v_block=64, max_concurrent_steps=2,
-                         interpret=False):
+                         seq_major=False, interpret=False):
   """Forward blocked linear attention on Hopper (Mosaic GPU).
 
   Args:
@@ -159,11 +171,17 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
     v_block: columns of V per CTA (64 or 128, dividing V). 64 splits V=128
       over two CTAs, which doubles the CTAs and halves the state registers.
     max_concurrent_steps: TMA pipeline depth (buffers per input).
+    seq_major: if True, q, k, v, log_gates and o use the sequence-major
+      layout [B, T, heads, *] instead: q [B, T, H, K], k [B, T, Hkv, K],
+      v [B, T, Hkv, V], log_gates [B, T, H], o [B, T, H, V] (the public
+      op's layout, so no transposes around the kernel). Each CTA's TMA tiles
+      are then [C, K] boxes of strided rows; states stay [B, H, K, V].
     interpret: False, True (default `plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: run under Mosaic GPU interpret mode on CPU.
 
   Returns:
-    (o [B, H, T, V] in q.dtype, final_state [B, H, K, V] float32).
+    (o [B, H, T, V] ([B, T, H, V] if seq_major) in q.dtype,
+     final_state [B, H, K, V] float32).
 
   Raises:
     ValueError: bad ranks, shapes or dtypes; T % chunk != 0; K or V not in
@@ -171,7 +189,7 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
       with K=128 and two pipeline buffers).
   """
   b, h, hkv, t, dk, dv = _check_inputs(q, k, v, log_gates, initial_state,
-                                       chunk, v_block)
+                                       chunk, v_block, seq_major)
   dtype = q.dtype
   group = h // hkv
   n_chunks = t // chunk
@@ -185,6 +203,8 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
   elif interpret is False:
     interpret = None
 
+  if has_gates and seq_major:
+    log_gates = jnp.swapaxes(log_gates, 1, 2)   # [B, H, T] (tiny, fused)
   gate_arrays = (_gate_inputs(log_gates, chunk, dk),) if has_gates else ()
   gate_len = chunk + max(chunk, dk)
   # (K * w)^T V == K^T (w * V): row-scale whichever tile is narrower.
@@ -233,7 +253,8 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
       s_init = plgpu.layout_cast(
           jnp.zeros((dk, v_block), jnp.float32), wgmma_layout)
 
-    o_dst = o_ref.at[bb, hh]                                  # [T, V]
+    # [T, V] views of this head (strided rows when seq_major).
+    o_dst = o_ref.at[bb, :, hh] if seq_major else o_ref.at[bb, hh]
 
     def body(idx, q_smem, k_smem, v_smem, *rest):
       if has_gates:
@@ -316,7 +337,12 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
         plgpu.BlockSpec((chunk, dk), lambda i: (i, 0), transforms=tiled),
         plgpu.BlockSpec((chunk, v_block), lambda i: (i, 0), transforms=tiled),
     ]
-    in_refs = [q_ref.at[bb, hh], k_ref.at[bb, kvh], v_ref.at[bb, kvh, :, vcols]]
+    if seq_major:
+      in_refs = [q_ref.at[bb, :, hh], k_ref.at[bb, :, kvh],
+                 v_ref.at[bb, :, kvh, vcols]]
+    else:
+      in_refs = [q_ref.at[bb, hh], k_ref.at[bb, kvh],
+                 v_ref.at[bb, kvh, :, vcols]]
     if has_gates:
       vec = lambda n: plgpu.BlockSpec((n,), lambda i: (i,))
       in_specs.append(vec(gate_len))
@@ -343,7 +369,8 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
   inputs = [q, k, v, *gate_arrays]
   if has_s0:
     inputs.append(initial_state.astype(jnp.float32))
-  out_type = (jax.ShapeDtypeStruct((b, h, t, dv), dtype),
+  o_shape = (b, t, h, dv) if seq_major else (b, h, t, dv)
+  out_type = (jax.ShapeDtypeStruct(o_shape, dtype),
               jax.ShapeDtypeStruct((b, h, dk, dv), jnp.float32))
   scratch = (
       plgpu.SMEM((dk, v_block), dtype, transforms=tiled),   # S_prev (16-bit)
@@ -368,10 +395,13 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "chunk", "v_block",
-                                             "max_concurrent_steps"))
+                                             "max_concurrent_steps",
+                                             "seq_major"))
 def linear_attention_fwd_jit(q, k, v, log_gates, initial_state, *, scale,
-                             chunk=64, v_block=64, max_concurrent_steps=2):
+                             chunk=64, v_block=64, max_concurrent_steps=2,
+                             seq_major=False):
   """`linear_attention_fwd` under jit (compiled kernel, no interpret)."""
   return linear_attention_fwd(q, k, v, log_gates, initial_state, scale=scale,
                               chunk=chunk, v_block=v_block,
-                              max_concurrent_steps=max_concurrent_steps)
+                              max_concurrent_steps=max_concurrent_steps,
+                              seq_major=seq_major)

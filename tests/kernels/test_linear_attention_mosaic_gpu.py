@@ -35,6 +35,11 @@ def _inputs(b, h, hkv, t, dk, dv, dtype, gates, s0, seed=0):
   return q, k, v, g, st
 
 
+def _seq(*xs):
+  """[B, heads, T, *] -> [B, T, heads, *] (None stays None): seq_major inputs."""
+  return tuple(None if x is None else jnp.swapaxes(x, 1, 2) for x in xs)
+
+
 def _reference(q, k, v, g, st, scale):
   """attnlib's xla path; transposes [B,H,T,*] <-> [B,T,H,*]."""
   tr = lambda x: jnp.swapaxes(x, 1, 2)
@@ -86,6 +91,27 @@ def test_lowers_chunk128_k64(gates):
   assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())
 
 
+@pytest.mark.parametrize("gates", [True, False], ids=["gates", "nogates"])
+@pytest.mark.parametrize("t", [1024, 32768])
+def test_lowers_for_cuda_seq_major(t, gates):
+  b, h, hkv, d = 2, 4, 2, 128
+  sds = jax.ShapeDtypeStruct
+  args = (sds((b, t, h, d), jnp.bfloat16), sds((b, t, hkv, d), jnp.bfloat16),
+          sds((b, t, hkv, d), jnp.bfloat16),
+          sds((b, t, h), jnp.float32) if gates else None,
+          sds((b, h, d, d), jnp.float32))
+  fn = lambda q, k, v, g, s: la_gpu.linear_attention_fwd(
+      q, k, v, g, s, scale=d ** -0.5, seq_major=True)
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+  text = exported.mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+  # No XLA transposes of q, k, v, o; only the small gate swap [B,T,H]->[B,H,T].
+  assert text.count("stablehlo.transpose") == (1 if gates else 0)
+  out = exported.out_avals
+  assert out[0].shape == (b, t, h, d) and out[0].dtype == jnp.bfloat16
+  assert out[1].shape == (b, h, d, d) and out[1].dtype == jnp.float32
+
+
 # -------------------------------------------------------------- validation ---
 
 
@@ -129,6 +155,33 @@ def test_interpret_matches_xla(h, hkv, dk, dv, dtype, gates, s0):
   o, sf = la_gpu.linear_attention_fwd(q, k, v, g, st, scale=scale,
                                       chunk=chunk, interpret=True)
   o_ref, sf_ref = _reference(q, k, v, g, st, scale)
+  assert o.shape == o_ref.shape and o.dtype == q.dtype
+  assert sf.shape == sf_ref.shape and sf.dtype == jnp.float32
+  assert _rel_err(o, o_ref) < 2e-2
+  assert _rel_err(sf, sf_ref) < 2e-2
+
+
+def test_rejects_head_major_shapes_when_seq_major():
+  q, k, v, g, st = _inputs(1, 4, 2, 128, 64, 64, jnp.bfloat16, True, False)
+  with pytest.raises(ValueError):   # k is [B, Hkv, T, K]: T and Hkv swapped
+    la_gpu.linear_attention_fwd(_seq(q)[0], k, _seq(v)[0], _seq(g)[0], st,
+                                scale=1.0, seq_major=True)
+  with pytest.raises(ValueError):   # gates still [B, H, T]
+    la_gpu.linear_attention_fwd(*_seq(q, k, v), g, st, scale=1.0,
+                                seq_major=True)
+
+
+@pytest.mark.parametrize("h,hkv,dk,dv,dtype,gates,s0", _INTERPRET_CASES)
+def test_interpret_seq_major_matches_xla(h, hkv, dk, dv, dtype, gates, s0):
+  chunk = 64
+  q, k, v, g, st = _inputs(2, h, hkv, 2 * chunk, dk, dv, dtype, gates, s0,
+                           seed=1)
+  scale = dk ** -0.5
+  o, sf = la_gpu.linear_attention_fwd(*_seq(q, k, v, g), st, scale=scale,
+                                      chunk=chunk, seq_major=True,
+                                      interpret=True)
+  o_ref, sf_ref = _reference(q, k, v, g, st, scale)
+  (o_ref,) = _seq(o_ref)
   assert o.shape == o_ref.shape and o.dtype == q.dtype
   assert sf.shape == sf_ref.shape and sf.dtype == jnp.float32
   assert _rel_err(o, o_ref) < 2e-2
@@ -180,3 +233,58 @@ def test_gpu_v_block_variants_agree(v_block):
   o_ref, sf_ref = _reference(q, k, v, g, st, 0.1)
   assert _rel_err(o, o_ref) < 2e-2
   assert _rel_err(sf, sf_ref) < 2e-2
+
+
+@gpu_only
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("h,hkv,gates,s0", _GPU_CASES)
+def test_gpu_seq_major_matches_xla(h, hkv, gates, s0, d):
+  b, t = 2, 1024
+  q, k, v, g, st = _inputs(b, h, hkv, t, d, d, jnp.bfloat16, gates, s0)
+  scale = d ** -0.5
+  o, sf = la_gpu.linear_attention_fwd_jit(*_seq(q, k, v, g), st, scale=scale,
+                                          seq_major=True)
+  o_ref, sf_ref = _reference(q, k, v, g, st, scale)
+  assert o.shape == (b, t, h, d) and o.dtype == jnp.bfloat16
+  assert _rel_err(o, _seq(o_ref)[0]) < 2e-2
+  assert _rel_err(sf, sf_ref) < 2e-2
+
+
+@gpu_only
+@pytest.mark.parametrize("chunk,v_block", [(64, 128), (128, 64)])
+def test_gpu_seq_major_variants(chunk, v_block):
+  dk = 64 if chunk == 128 else 128
+  q, k, v, g, st = _inputs(2, 4, 2, 1024, dk, 128, jnp.float16, True, True)
+  o, sf = la_gpu.linear_attention_fwd_jit(*_seq(q, k, v, g), st, scale=0.1,
+                                          chunk=chunk, v_block=v_block,
+                                          seq_major=True)
+  o_ref, sf_ref = _reference(q, k, v, g, st, 0.1)
+  assert _rel_err(o, _seq(o_ref)[0]) < 2e-2
+  assert _rel_err(sf, sf_ref) < 2e-2
+
+
+# ------------------------------------------------- the public op's adapter ---
+
+
+@pytest.mark.parametrize("t,d", [(8192, 128), (8192 + 5, 100)])
+def test_public_adapter_skips_transposes_for_cuda(t, d):
+  """attnlib's adapter hands [B, T, H, *] straight to the seq_major kernel:
+  no transposes of q, k, v, o (the gate swap aside), pads only if needed."""
+  from attnlib.ops import _linear_attention_pallas as adapter
+  from attnlib.ops import linear_attention as la_op
+  b, h, hkv = 2, 4, 2
+  sds = jax.ShapeDtypeStruct
+  args = (sds((b, t, h, d), jnp.bfloat16), sds((b, t, hkv, d), jnp.bfloat16),
+          sds((b, t, hkv, d), jnp.bfloat16), sds((b, t, h), jnp.float32),
+          sds((b, h, d, d), jnp.float32))
+  fn = lambda q, k, v, g, s: adapter.causal(
+      la_gpu, q, k, v, g, s, 0.1, chunk=la_op.GPU_CHUNK, interpret=False,
+      reference=la_op._xla_causal_reference)
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+  text = exported.mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+  assert text.count("stablehlo.transpose") == 1     # the gates only
+  padded = t % la_op.GPU_CHUNK or d not in la_gpu.SUPPORTED_HEAD_DIMS
+  assert ("stablehlo.pad" in text) == bool(padded)
+  assert exported.out_avals[0].shape == (b, t, h, d)
+  assert exported.out_avals[1].shape == (b, h, d, d)
