@@ -123,28 +123,42 @@ def _chunk_gates(g_row, row, col):
   return big_g_col, big_g_row, g_total
 
 
+def _split_refs(refs, n_inputs, has_gates, has_state):
+  """(inputs, gates ref or None, state-in ref or None, the rest) of a kernel's refs.
+
+  Every kernel here takes `n_inputs` blocks, then the optional [1, C] float32
+  gates and the optional [K, V] float32 state that starts its sweep, then its
+  outputs and scratch.
+  """
+  pos = n_inputs
+  g_ref = state_in_ref = None
+  if has_gates:
+    g_ref = refs[pos]
+    pos += 1
+  if has_state:
+    state_in_ref = refs[pos]
+    pos += 1
+  return refs[:n_inputs], g_ref, state_in_ref, refs[pos:]
+
+
+def _start_sweep(carry_ref, start_ref):
+  """At a sweep's first chunk, the carried [K, V] state is start_ref or 0."""
+
+  @pl.when(pl.program_id(2) == 0)
+  def _init():
+    if start_ref is not None:
+      carry_ref[...] = start_ref[...]
+    else:
+      carry_ref[...] = jnp.zeros(carry_ref.shape, jnp.float32)
+
+
 def _kernel(*refs, has_gates, has_init, scale, precision):
   """One (b, h, chunk) grid step; refs follow `linear_attention_fwd`'s specs."""
-  refs = list(refs)
-  q_ref, k_ref, v_ref = refs[:3]  # [C, K], [C, K], [C, V]
-  pos = 3
-  g_ref = s0_ref = None
-  if has_gates:
-    g_ref = refs[pos]  # [1, C] float32
-    pos += 1
-  if has_init:
-    s0_ref = refs[pos]  # [K, V] float32
-    pos += 1
-  o_ref, st_ref, state_ref = refs[pos:]  # [C, V], [K, V] f32, [K, V] f32 VMEM
-
+  # q, k, v: [C, K], [C, K], [C, V]; o [C, V]; S_T, S: [K, V] f32 (S in VMEM).
+  (q_ref, k_ref, v_ref), g_ref, s0_ref, (o_ref, st_ref, state_ref) = _split_refs(
+      refs, 3, has_gates, has_init)
   c_idx = pl.program_id(2)
-
-  @pl.when(c_idx == 0)
-  def _init():
-    if has_init:
-      state_ref[...] = s0_ref[...]
-    else:
-      state_ref[...] = jnp.zeros(state_ref.shape, jnp.float32)
+  _start_sweep(state_ref, s0_ref)
 
   q = q_ref[...]
   k = k_ref[...]
@@ -309,26 +323,10 @@ _NT = (((1,), (1,)), ((), ()))  # [M, N] x [P, N] -> [M, P]
 
 def _bwd_dq_kernel(*refs, has_gates, has_init, scale, precision):
   """dQ, forward sweep; refs: k, v, do, [g], [s0], dq (out), S (scratch)."""
-  refs = list(refs)
-  k_ref, v_ref, do_ref = refs[:3]  # [C, K], [C, V], [C, V]
-  pos = 3
-  g_ref = s0_ref = None
-  if has_gates:
-    g_ref = refs[pos]  # [1, C] float32
-    pos += 1
-  if has_init:
-    s0_ref = refs[pos]  # [K, V] float32
-    pos += 1
-  dq_ref, state_ref = refs[pos:]  # [C, K] f32, [K, V] f32 VMEM
-
-  c_idx = pl.program_id(2)
-
-  @pl.when(c_idx == 0)
-  def _init():
-    if has_init:
-      state_ref[...] = s0_ref[...]
-    else:
-      state_ref[...] = jnp.zeros(state_ref.shape, jnp.float32)
+  # k, v, dO: [C, K], [C, V], [C, V]; dq [C, K] f32; S [K, V] f32 in VMEM.
+  (k_ref, v_ref, do_ref), g_ref, s0_ref, (dq_ref, state_ref) = _split_refs(
+      refs, 3, has_gates, has_init)
+  _start_sweep(state_ref, s0_ref)
 
   k = k_ref[...]
   v = v_ref[...]
@@ -365,26 +363,11 @@ def _bwd_dq_kernel(*refs, has_gates, has_init, scale, precision):
 
 def _bwd_dkv_kernel(*refs, has_gates, has_dfinal, scale, precision):
   """dK, dV, reverse sweep; refs: q, k, v, do, [g], [dS_T], dk, dv, dS0, dS."""
-  refs = list(refs)
-  q_ref, k_ref, v_ref, do_ref = refs[:4]  # [C, K], [C, K], [C, V], [C, V]
-  pos = 4
-  g_ref = dst_ref = None
-  if has_gates:
-    g_ref = refs[pos]  # [1, C] float32
-    pos += 1
-  if has_dfinal:
-    dst_ref = refs[pos]  # [K, V] float32
-    pos += 1
-  dk_ref, dv_ref, ds0_ref, ds_ref = refs[pos:]
-
+  # q, k, v, dO: [C, K], [C, K], [C, V], [C, V]; dS [K, V] f32 in VMEM.
+  ((q_ref, k_ref, v_ref, do_ref), g_ref, dst_ref,
+   (dk_ref, dv_ref, ds0_ref, ds_ref)) = _split_refs(refs, 4, has_gates, has_dfinal)
   c_idx = pl.program_id(2)  # chunk N - 1 - c_idx
-
-  @pl.when(c_idx == 0)
-  def _init():
-    if has_dfinal:
-      ds_ref[...] = dst_ref[...]
-    else:
-      ds_ref[...] = jnp.zeros(ds_ref.shape, jnp.float32)
+  _start_sweep(ds_ref, dst_ref)
 
   q = q_ref[...]
   k = k_ref[...]

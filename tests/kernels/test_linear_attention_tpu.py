@@ -21,10 +21,10 @@ import attnlib as al
 from kernels_pallas.linear_attention.tpu import linear_attention_bwd
 from kernels_pallas.linear_attention.tpu import linear_attention_fwd
 from tests.oracles import linear_attention as oracle
+from tests.tpu_export import tpu_mlir
 
 TOLS = {jnp.float32: dict(rtol=1e-4, atol=1e-4),
         jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
-TARGET_TPU = "TPU v5e"
 
 
 def make_inputs(*, h=2, hkv=1, t=128, dk=64, dv=64, dtype=jnp.float32,
@@ -123,12 +123,7 @@ def export_mlir(*, t, d, dtype, gates, chunk=128, h=2, hkv=1):
     g, s0 = rest if gates else (None, rest[0])
     return linear_attention_fwd(q, k, v, g, s0, scale=d ** -0.5, chunk=chunk)
 
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind=TARGET_TPU, num_cores=1, platform="tpu"))
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(fwd), platforms=["tpu"])(*args)
-  return exported.mlir_module()
+  return tpu_mlir(fwd, *args)
 
 
 @pytest.mark.parametrize("gates", [False, True])
@@ -275,12 +270,7 @@ def export_bwd_mlir(*, t, d, dtype, gates, chunk=128, h=2, hkv=1):
     return linear_attention_bwd(q, k, v, g if gates else None, s0, d_o, d_st,
                                 scale=d ** -0.5, chunk=chunk)
 
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind=TARGET_TPU, num_cores=1, platform="tpu"))
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(bwd), platforms=["tpu"])(*args)
-  return exported.mlir_module()
+  return tpu_mlir(bwd, *args)
 
 
 @pytest.mark.parametrize("gates", [False, True])
@@ -296,14 +286,9 @@ def test_bwd_lowers_without_optional_inputs():
   s = jax.ShapeDtypeStruct
   args = [s((1, 2, 1024, 128), jnp.bfloat16), s((1, 1, 1024, 128), jnp.bfloat16),
           s((1, 1, 1024, 128), jnp.bfloat16), s((1, 2, 1024, 128), jnp.bfloat16)]
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind=TARGET_TPU, num_cores=1, platform="tpu"))
   bwd = lambda q, k, v, d_o: linear_attention_bwd(q, k, v, None, None, d_o,
                                                   None, scale=0.1, chunk=256)
-  with jax.sharding.use_abstract_mesh(mesh):
-    exported = jax.export.export(jax.jit(bwd), platforms=["tpu"])(*args)
-  assert exported.mlir_module().count("tpu_custom_call") >= 2
+  assert tpu_mlir(bwd, *args).count("tpu_custom_call") >= 2
 
 
 def _bad_bwd_call(name):

@@ -10,6 +10,7 @@ import pytest
 
 import attnlib as al
 from tests.oracles import linear_attention as oracle
+from tests.tpu_export import tpu_mlir
 
 
 def _inputs(seed, b=1, t=150, h=2, hkv=1, dk=32, dv=48, decay="gate", dtype=jnp.float32):
@@ -107,15 +108,9 @@ def test_public_op_and_its_gradient_lower_for_tpu(dtype):
     return jnp.sum(al.linear_attention(q, k, v, decay=g, implementation="mosaic_tpu")
                    .astype(jnp.float32))
 
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind="TPU v5e", num_cores=1, platform="tpu"))
-  with jax.sharding.use_abstract_mesh(mesh):
-    fwd = jax.export.export(jax.jit(loss), platforms=["tpu"])(*args).mlir_module()
-    grad = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
-                             platforms=["tpu"])(*args).mlir_module()
-  assert fwd.count("tpu_custom_call") == 1
-  assert grad.count("tpu_custom_call") == 3
+  assert tpu_mlir(loss, *args).count("tpu_custom_call") == 1
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3))
+  assert tpu_mlir(grad, *args).count("tpu_custom_call") == 3
 
 
 # --- Mosaic GPU (forward kernel; gradients from the xla VJP), in its interpret mode.
