@@ -239,13 +239,18 @@ def _time(fn: Callable, args: tuple) -> float:
   return statistics.median(samples)
 
 
-def _temp_bytes(fn: Callable, args: tuple) -> int | None:
-  """Scratch memory XLA allocates for one call (compiled memory analysis)."""
+def _memory(fn: Callable, args: tuple) -> dict:
+  """Device memory of one call from XLA's compiled memory analysis: scratch
+  ("temp_bytes") and scratch + arguments + outputs ("footprint_bytes", the
+  peak XLA plans for; output buffers aliased to arguments counted once)."""
   try:
     stats = fn.lower(*args).compile().memory_analysis()
-    return int(stats.temp_size_in_bytes)
+    temp = int(stats.temp_size_in_bytes)
+    footprint = (temp + int(stats.argument_size_in_bytes)
+                 + int(stats.output_size_in_bytes) - int(stats.alias_size_in_bytes))
+    return {"temp_bytes": temp, "footprint_bytes": footprint}
   except Exception:  # pylint: disable=broad-except  # not every backend reports it
-    return None
+    return {"temp_bytes": None, "footprint_bytes": None}
 
 
 def run_one(op: str, seq_len: int, implementation: str) -> dict:
@@ -269,12 +274,13 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
       "head_dim": _HEAD_DIM.value, "v_dim": _V_DIM.value or _HEAD_DIM.value,
       "dtype": _DTYPE.value, "mode": _MODE.value, "causal": _CAUSAL.value,
       "ms": seconds * 1e3, "tokens_per_s": problem.tokens / seconds,
-      "tflops": flops / seconds / 1e12, "temp_bytes": _temp_bytes(fn, args),
+      "tflops": flops / seconds / 1e12, **_memory(fn, args),
   }
 
 
 def _print_table(rows: list[dict], implementations: list[str]) -> None:
-  header = f"{'seq_len':>8} {'implementation':>15} {'ms':>10} {'Mtok/s':>10} {'TFLOP/s':>9} {'speedup':>8}"
+  header = (f"{'seq_len':>8} {'implementation':>15} {'ms':>10} {'Mtok/s':>10} {'TFLOP/s':>9} "
+            f"{'speedup':>8} {'mem GiB':>8}")
   print(header)
   print("-" * len(header))
   for seq_len in sorted({r["seq_len"] for r in rows}):
@@ -289,8 +295,10 @@ def _print_table(rows: list[dict], implementations: list[str]) -> None:
         continue
       ratio = base["ms"] / r["ms"] if base and "ms" in base else float("nan")
       r["speedup_vs_first"] = ratio
+      mem = r.get("footprint_bytes")
+      mem = f"{mem / 2**30:>8.2f}" if mem is not None else f"{'-':>8}"
       print(f"{seq_len:>8} {impl:>15} {r['ms']:>10.3f} {r['tokens_per_s'] / 1e6:>10.2f} "
-            f"{r['tflops']:>9.2f} {ratio:>8.2f}")
+            f"{r['tflops']:>9.2f} {ratio:>8.2f} {mem}")
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:

@@ -2,13 +2,12 @@
 
 `attnlib.linear_attention` calls `causal(...)` for implementation="mosaic_tpu"
 and "mosaic_gpu". This module adapts the public layout to the kernels' and
-back (kernels without backward kernels, Mosaic GPU's for now, get their
-gradients from the VJP of the xla reference, recomputing the forward in XLA):
+back, with a custom VJP whose backward is the kernels' own:
 
 * [B, T, H, K] -> [B, H, T, K] (the kernels tile the sequence of one head),
-  except for kernels with `SEQ_MAJOR = True` (Mosaic GPU's forward), which
-  read and write the public [B, T, H, *] layout themselves (`seq_major=True`),
-  so no transposes are paid;
+  except for kernels with `SEQ_MAJOR = True` (Mosaic GPU's), which read and
+  write the public [B, T, H, *] layout themselves (`seq_major=True`), so no
+  transposes are paid;
 * only where needed: T padded to a multiple of the chunk with k = v = 0 and
   g = 0 (padded steps leave the state unchanged); K and V padded with zeros
   to a head dim the kernel supports (zero columns change no dot product and
@@ -23,7 +22,9 @@ gradients from the VJP of the xla reference, recomputing the forward in XLA):
 
   which holds because every term of o and S_T depends on Gamma through
   exp(Gamma_t - Gamma_s) with q_t on the + side and k_s on the - side (and
-  exp(Gamma_t) q_t S_0, exp(Gamma_T) S_0 for the initial state).
+  exp(Gamma_t) q_t S_0, exp(Gamma_T) S_0 for the initial state). Kernels
+  that return a fifth value from `linear_attention_bwd` compute the first
+  two terms themselves, from their float32 results (Mosaic GPU's).
 """
 
 from __future__ import annotations
@@ -56,65 +57,30 @@ def supports(kernels: ModuleType, dk: int, dv: int, dtype) -> bool:
 
 
 def causal(kernels: ModuleType, q: Array, k: Array, v: Array,
-           log_g: Array | None, s0: Array, scale: float, *, chunk: int,
-           interpret, reference: Callable | None = None) -> tuple[Array, Array]:
+           log_g: Array | None, s0: Array | None, scale: float, *, chunk: int,
+           interpret) -> tuple[Array, Array]:
   """o [B, T, H, V] (q.dtype) and S_T float32 [B, H, K, V] via `kernels`.
 
   Args:
-    kernels: a module with `linear_attention_fwd`, `SUPPORTED_HEAD_DIMS`,
-      `SUPPORTED_DTYPES` and, if it has backward kernels,
-      `linear_attention_bwd` (kernels_pallas.linear_attention.tpu).
+    kernels: a module with `linear_attention_fwd`, `linear_attention_bwd`,
+      `SUPPORTED_HEAD_DIMS`, `SUPPORTED_DTYPES` and optionally `SEQ_MAJOR`
+      (kernels_pallas.linear_attention.tpu and .mosaic_gpu).
     q, k, v: [B, T, H, K], [B, T, Hkv, K], [B, T, Hkv, V].
     log_g: None or float32 [B, T, H] log-decays <= 0.
-    s0: float32 [B, H, K, V] initial state.
+    s0: None (zeros, nothing read) or float32 [B, H, K, V] initial state.
     scale: output scale.
     chunk: the kernels' chunk length.
     interpret: passed to the kernels (False or an interpret-params object).
-    reference: for kernels without a backward: (q, k, v, log_g, s0, scale)
-      -> (o float32, S_T) in this layout, whose VJP gives the gradients (the
-      forward still runs the kernel). A module-level function (it is a cache
-      key).
   """
-  if not hasattr(kernels, "linear_attention_bwd"):
-    return _reference_vjp(kernels, float(scale), chunk, interpret, reference)(
-        q, k, v, log_g, s0)
-  # The backward kernels (and _kernel_vjp's head reductions) are head-major.
-  return _forward(kernels, q, k, v, log_g, s0, scale, chunk=chunk,
-                  vjp=_kernel_vjp(kernels, float(scale), chunk, interpret),
-                  seq_major=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _reference_vjp(kernels: ModuleType, scale: float, chunk: int, interpret,
-                   reference: Callable):
-  """custom_vjp: the kernel forward, the reference's VJP backward."""
   seq_major = bool(getattr(kernels, "SEQ_MAJOR", False))
-  extra = dict(seq_major=True) if seq_major else {}
-  fwd_kernel = functools.partial(kernels.linear_attention_fwd, scale=scale,
-                                 chunk=chunk, interpret=interpret, **extra)
-
-  def run(q, k, v, g, s0):
-    return _forward(kernels, q, k, v, g, s0, scale, chunk=chunk, vjp=fwd_kernel,
-                    seq_major=seq_major)
-
-  @jax.custom_vjp
-  def f(q, k, v, g, s0):
-    return run(q, k, v, g, s0)
-
-  def f_fwd(q, k, v, g, s0):
-    return run(q, k, v, g, s0), (q, k, v, g, s0)
-
-  def f_bwd(res, cotangents):
-    d_o, d_st = cotangents
-    _, pullback = jax.vjp(lambda *a: reference(*a, scale), *res)
-    return pullback((d_o.astype(jnp.float32), d_st))
-
-  f.defvjp(f_fwd, f_bwd)
-  return f
+  return _forward(kernels, q, k, v, log_g, s0, scale, chunk=chunk,
+                  vjp=_kernel_vjp(kernels, float(scale), chunk, interpret,
+                                  seq_major),
+                  seq_major=seq_major)
 
 
 def _forward(kernels: ModuleType, q: Array, k: Array, v: Array,
-             log_g: Array | None, s0: Array, scale: float, *, chunk: int,
+             log_g: Array | None, s0: Array | None, scale: float, *, chunk: int,
              vjp: Callable, seq_major: bool) -> tuple[Array, Array]:
   """Pads (where needed) to the kernels' layout, calls `vjp`, and back.
 
@@ -139,7 +105,8 @@ def _forward(kernels: ModuleType, q: Array, k: Array, v: Array,
   if log_g is not None:
     gk = pad(log_g, ((0, 0), (0, tp - t), (0, 0)))
     gk = gk if seq_major else jnp.swapaxes(gk, 1, 2)
-  s0k = pad(s0, ((0, 0), (0, 0), (0, kp - dk), (0, vp - dv)))
+  s0k = None if s0 is None else pad(
+      s0, ((0, 0), (0, 0), (0, kp - dk), (0, vp - dv)))
   o, s_t = vjp(qk, kk, vk, gk, s0k)
   if not seq_major:
     o = jnp.swapaxes(o, 1, 2)
@@ -151,12 +118,18 @@ def _forward(kernels: ModuleType, q: Array, k: Array, v: Array,
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel_vjp(kernels: ModuleType, scale: float, chunk: int, interpret):
-  """custom_vjp function (q, k, v, g, s0) -> (o, S_T) in the kernels' layout."""
+def _kernel_vjp(kernels: ModuleType, scale: float, chunk: int, interpret,
+                seq_major: bool):
+  """custom_vjp function (q, k, v, g, s0) -> (o, S_T) in the kernels' layout.
+
+  seq_major: the layout is [B, T, heads, *] (else [B, heads, T, *]).
+  """
+  extra = dict(seq_major=True) if seq_major else {}
   fwd_kernel = functools.partial(kernels.linear_attention_fwd, scale=scale,
-                                 chunk=chunk, interpret=interpret)
+                                 chunk=chunk, interpret=interpret, **extra)
   bwd_kernel = functools.partial(kernels.linear_attention_bwd, scale=scale,
-                                 chunk=chunk, interpret=interpret)
+                                 chunk=chunk, interpret=interpret, **extra)
+  t_ax, head_ax = (1, 2) if seq_major else (2, 1)
 
   @jax.custom_vjp
   def f(q, k, v, g, s0):
@@ -169,22 +142,31 @@ def _kernel_vjp(kernels: ModuleType, scale: float, chunk: int, interpret):
   def f_bwd(res, cotangents):
     q, k, v, g, s0, s_t = res
     d_o, d_st = cotangents
-    dq, dk_h, dv_h, ds0 = bwd_kernel(q, k, v, g, s0, d_o.astype(q.dtype),
-                                     d_st.astype(jnp.float32))
-    b, h, t, dk = q.shape
-    hkv = k.shape[1]
-    # Per-query-head dk, dv -> kv heads: query head h reads kv head h // group.
-    dk_kv = dk_h.reshape(b, hkv, h // hkv, t, dk).sum(axis=2)
-    dv_kv = dv_h.reshape(b, hkv, h // hkv, t, v.shape[-1]).sum(axis=2)
+    dq, dk_h, dv_h, ds0, *rest = bwd_kernel(
+        q, k, v, g, s0, d_o.astype(q.dtype), d_st.astype(jnp.float32))
+    h, hkv = q.shape[head_ax], k.shape[head_ax]
+
+    def to_kv_heads(x):  # per query head -> its kv head (h // group)
+      if h == hkv:
+        return x
+      shape = x.shape[:head_ax] + (hkv, h // hkv) + x.shape[head_ax + 1:]
+      return x.astype(jnp.float32).reshape(shape).sum(axis=head_ax + 1)
+
     dg = None
     if g is not None:
-      k_h = jnp.repeat(k, h // hkv, axis=1).astype(jnp.float32)
-      d_gamma = (jnp.sum(q.astype(jnp.float32) * dq, axis=-1)
-                 - jnp.sum(k_h * dk_h, axis=-1))                   # [B, H, T]
-      d_gamma = d_gamma.at[:, :, -1].add(jnp.sum(d_st * s_t, axis=(-2, -1)))
-      dg = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), axis=-1), -1)
-    return (dq.astype(q.dtype), dk_kv.astype(k.dtype), dv_kv.astype(v.dtype),
-            dg, ds0)
+      if rest and rest[0] is not None:  # the kernels' own q.dq - k.dk [B,H,T]
+        d_gamma = jnp.swapaxes(rest[0], 1, 2) if seq_major else rest[0]
+      else:
+        k_h = jnp.repeat(k, h // hkv, axis=head_ax).astype(jnp.float32)
+        d_gamma = (jnp.sum(q.astype(jnp.float32) * dq, axis=-1)
+                   - jnp.sum(k_h * dk_h, axis=-1))
+      last = jnp.sum(d_st * s_t, axis=(-2, -1))              # [B, H]
+      at_last_t = (slice(None), -1) if seq_major else (slice(None),) * 2 + (-1,)
+      d_gamma = d_gamma.at[at_last_t].add(last)
+      dg = jnp.flip(jnp.cumsum(jnp.flip(d_gamma, t_ax), axis=t_ax), t_ax)
+    return (dq.astype(q.dtype), to_kv_heads(dk_h).astype(k.dtype),
+            to_kv_heads(dv_h).astype(v.dtype), dg,
+            None if s0 is None else ds0)
 
   f.defvjp(f_fwd, f_bwd)
   return f

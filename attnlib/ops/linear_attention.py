@@ -240,6 +240,14 @@ def _xla_impl(q: Array, k: Array, v: Array, log_g: Array | None, s0: Array,
 _xla_impl_jit = jax.jit(_xla_impl, static_argnames=("is_causal", "chunk_size"))
 
 
+def _zeros_if_none(s0: Array | None, q: Array, v: Array) -> Array:
+  """The initial state, float32 [B, H, K, V]; zeros when None."""
+  if s0 is not None:
+    return s0
+  b, _, h, dk = q.shape
+  return jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+
+
 def _mosaic_tpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
                      s0: Array, scale: float, *, is_causal: bool,
                      chunk_size: int, interpret: bool) -> tuple[Array, Array]:
@@ -250,35 +258,27 @@ def _mosaic_tpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
   """
   del chunk_size
   if not is_causal:  # two matmuls: nothing for a kernel to add
-    o, state = _xla_noncausal(q, k, v, s0, scale)
+    o, state = _xla_noncausal(q, k, v, _zeros_if_none(s0, q, v), scale)
     return o.astype(q.dtype), state
   params = pltpu.InterpretParams() if interpret else False
   return _linear_attention_pallas.causal(
       la_tpu, q, k, v, log_g, s0, scale, chunk=TPU_CHUNK, interpret=params)
 
 
-def _xla_causal_reference(q: Array, k: Array, v: Array, log_g: Array | None,
-                          s0: Array, scale: float) -> tuple[Array, Array]:
-  """The xla forward whose VJP serves kernels that have no backward yet."""
-  return _xla_causal(q, k, v, log_g, s0, scale, int(CHUNK_SIZE))
-
-
 def _mosaic_gpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
                      s0: Array, scale: float, *, is_causal: bool,
                      chunk_size: int, interpret: bool) -> tuple[Array, Array]:
-  """The Mosaic GPU forward kernel (Hopper); gradients from the xla VJP.
+  """The Mosaic GPU kernels (Hopper), forward and backward; non-causal in XLA.
 
-  The backward kernels are not written yet (issue 3), so differentiating
-  recomputes the forward with the xla implementation and uses its VJP.
+  `chunk_size` (the xla chunk) is not used: the kernels tile by `GPU_CHUNK`.
   """
   del chunk_size
   if not is_causal:
-    o, state = _xla_noncausal(q, k, v, s0, scale)
+    o, state = _xla_noncausal(q, k, v, _zeros_if_none(s0, q, v), scale)
     return o.astype(q.dtype), state
   params = plgpu.InterpretGPUParams() if interpret else False
   return _linear_attention_pallas.causal(
-      la_gpu, q, k, v, log_g, s0, scale, chunk=GPU_CHUNK, interpret=params,
-      reference=_xla_causal_reference)
+      la_gpu, q, k, v, log_g, s0, scale, chunk=GPU_CHUNK, interpret=params)
 
 
 def _is_hopper() -> bool:
@@ -361,10 +361,10 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
     implementation: "xla" (the blocked pure-JAX version); "mosaic_tpu" (the
       Pallas TPU kernels of kernels_pallas/linear_attention/tpu.py, forward
       and backward; K, V up to 256, zero-padded to 64/128/256; T padded to
-      128-token chunks); "mosaic_gpu" (the Hopper forward kernel of
-      kernels_pallas/linear_attention/mosaic_gpu.py; K, V up to 128; bf16 or
-      f16; gradients from the xla implementation's VJP until its backward
-      kernels exist). Non-causal calls are two XLA matmuls under every
+      128-token chunks); "mosaic_gpu" (the Hopper kernels of
+      kernels_pallas/linear_attention/mosaic_gpu.py, forward and backward;
+      K, V up to 128, zero-padded to 64/128; bf16 or f16; T padded to
+      64-token chunks). Non-causal calls are two XLA matmuls under every
       backend. None picks mosaic_tpu on TPU, mosaic_gpu on Hopper GPUs (and
       with interpret=True, mosaic_tpu) when the call fits the kernel, else
       xla; naming a kernel that does not fit raises ValueError.
@@ -406,10 +406,10 @@ def linear_attention(q: Array, k: Array, v: Array, *, is_causal: bool = True,
   if impl is not _xla_impl_jit:
     impl = functools.partial(impl, interpret=interpret)
 
-  if initial_state is None:
+  # The kernels take initial_state=None as zeros without reading any memory.
+  s0 = None if initial_state is None else jnp.asarray(initial_state, jnp.float32)
+  if s0 is None and impl is _xla_impl_jit:
     s0 = jnp.zeros((b, h, dk, dv), jnp.float32)
-  else:
-    s0 = jnp.asarray(initial_state, jnp.float32)
   o, final_state = impl(q, k, v, _log_gates(decay, (b, t, h)), s0,
                         _checks.default_scale(dk, scale), is_causal=bool(is_causal),
                         chunk_size=int(CHUNK_SIZE))

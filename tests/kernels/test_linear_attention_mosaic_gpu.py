@@ -1,10 +1,12 @@
-"""Tests of the Mosaic GPU (Hopper) forward linear-attention kernel.
+"""Tests of the Mosaic GPU (Hopper) linear-attention kernels, forward and
+backward.
 
 Three tiers:
   * lowering for "cuda" via jax.export (runs on CPU, no GPU needed);
   * numerics under Mosaic GPU interpret mode on tiny shapes (CPU);
   * the compiled kernel on a real GPU (skipped unless the backend is "gpu").
-References: attnlib.linear_attention(..., implementation="xla").
+References: attnlib.linear_attention(..., implementation="xla") and its VJP;
+float64 NumPy for the gate packing.
 """
 
 import re
@@ -115,9 +117,22 @@ def test_lowers_for_cuda_seq_major(t, gates):
 # -------------------------------------------------------------- validation ---
 
 
-@pytest.mark.parametrize("case", ["t_not_multiple", "bad_k", "bad_dtype",
-                                  "bad_groups", "smem_too_big"])
-def test_rejects_bad_inputs(case):
+@pytest.mark.parametrize("seq_major", [False, True])
+def test_gate_packing_matches_float64_cumsum(seq_major):
+  rng = np.random.default_rng(0)
+  g = np.log(rng.uniform(0.05, 1.0, size=(2, 3, 256)))         # [B, H, T]
+  c = np.cumsum(g.reshape(2, 3, 4, 64), axis=-1)                # per chunk
+  want = np.concatenate([c, np.repeat(c[..., -1:], 128, -1)], -1)
+  arg = np.swapaxes(g, 1, 2) if seq_major else g
+  got = la_gpu._gate_inputs(jnp.asarray(arg, jnp.float32), 64, 128, seq_major)
+  np.testing.assert_allclose(got, want.reshape(2, 3, -1), rtol=1e-6, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("case,match", [
+    ("t_not_multiple", "T=96"), ("bad_k", "K=96"), ("bad_dtype", "float32"),
+    ("bad_groups", "H=3"), ("smem_too_big", "SMEM")])
+def test_rejects_bad_inputs(case, match):
   dims = dict(b=1, h=2, hkv=2, t=128, dk=64, dv=64, dtype=jnp.bfloat16)
   if case == "t_not_multiple":
     dims["t"] = 96
@@ -127,11 +142,11 @@ def test_rejects_bad_inputs(case):
     dims["dtype"] = jnp.float32
   elif case == "bad_groups":
     dims["h"], dims["hkv"] = 3, 2
-  elif case == "smem_too_big":
+  elif case == "smem_too_big":   # C = 128, K = 128, gates: ~232 KiB
     dims.update(t=256, dk=128, dv=128)
-  q, k, v, g, st = _inputs(**dims, gates=False, s0=False)
+  q, k, v, g, st = _inputs(**dims, gates=case == "smem_too_big", s0=False)
   kwargs = dict(chunk=128) if case == "smem_too_big" else {}
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=match):
     la_gpu.linear_attention_fwd(q, k, v, g, st, scale=1.0, **kwargs)
 
 
@@ -278,8 +293,7 @@ def test_public_adapter_skips_transposes_for_cuda(t, d):
           sds((b, t, hkv, d), jnp.bfloat16), sds((b, t, h), jnp.float32),
           sds((b, h, d, d), jnp.float32))
   fn = lambda q, k, v, g, s: adapter.causal(
-      la_gpu, q, k, v, g, s, 0.1, chunk=la_op.GPU_CHUNK, interpret=False,
-      reference=la_op._xla_causal_reference)
+      la_gpu, q, k, v, g, s, 0.1, chunk=la_op.GPU_CHUNK, interpret=False)
   exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
   text = exported.mlir_module()
   assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
@@ -288,3 +302,163 @@ def test_public_adapter_skips_transposes_for_cuda(t, d):
   assert ("stablehlo.pad" in text) == bool(padded)
   assert exported.out_avals[0].shape == (b, t, h, d)
   assert exported.out_avals[1].shape == (b, h, d, d)
+
+
+# --------------------------------------------------------------- backward ---
+# linear_attention_bwd: three sweeps (dq; dv and dS_0; dk) plus the row dots
+# q.dq - k.dk of the gate gradient. Reference: the VJP of the xla path.
+
+
+def _reference_grads(q, k, v, g, st, scale, d_o, d_st):
+  """(dq, dk, dv, ds0, dg or None) of the xla path, head-major arrays."""
+  if st is None:
+    st = jnp.zeros(q.shape[:2] + (k.shape[-1], v.shape[-1]), jnp.float32)
+  args = (q, k, v, st) + (() if g is None else (g,))
+
+  def f(q, k, v, st, *g):
+    o, sf = _reference(q, k, v, g[0] if g else None, st, scale)
+    return o.astype(jnp.float32), sf
+
+  _, pullback = jax.vjp(f, *args)
+  grads = pullback((d_o.astype(jnp.float32), d_st))
+  return grads[:4] + ((grads[4],) if g is not None else (None,))
+
+
+def _gate_grad(d_gamma, d_st, s_t):
+  """dg from the kernels' d_gamma [B, H, T]: add <dS_T, S_T> at the last
+  token, then the reverse cumulative sum (attnlib's adapter does the same)."""
+  d_gamma = d_gamma.at[:, :, -1].add(jnp.sum(d_st * s_t, axis=(-2, -1)))
+  return jnp.flip(jnp.cumsum(jnp.flip(d_gamma, -1), -1), -1)
+
+
+def _check_bwd(q, k, v, g, st, scale, d_o, d_st, got, seq_major=False,
+               tol=2e-2):
+  dq, dk_h, dv_h, ds0, d_gamma = got
+  if seq_major:   # compare in the head-major layout
+    dq, dk_h, dv_h = _seq(dq, dk_h, dv_h)
+  b, h, t, dk = q.shape
+  hkv, dv = k.shape[1], v.shape[-1]
+  assert dq.shape == q.shape and dq.dtype == q.dtype
+  assert dk_h.shape == (b, h, t, dk) and dv_h.shape == (b, h, t, dv)
+  assert dk_h.dtype == dv_h.dtype == (q.dtype if h == hkv else jnp.float32)
+  assert ds0.shape == (b, h, dk, dv) and ds0.dtype == jnp.float32
+  per_kv = lambda x: x.astype(jnp.float32).reshape(
+      b, hkv, h // hkv, t, -1).sum(2)
+  want = _reference_grads(q, k, v, g, st, scale, d_o, d_st)
+  errors = {name: _rel_err(x, ref) for name, x, ref in (
+      ("dq", dq, want[0]), ("dk", per_kv(dk_h), want[1]),
+      ("dv", per_kv(dv_h), want[2]), ("ds0", ds0, want[3]))}
+  if g is None:
+    assert d_gamma is None
+  else:
+    _, s_t = _reference(q, k, v, g, st, scale)
+    errors["dg"] = _rel_err(_gate_grad(d_gamma, d_st, s_t), want[4])
+  assert max(errors.values()) < tol, errors
+
+
+def _cotangents(b, h, t, dk, dv, dtype, d_final, seed=3):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  d_o = jax.random.normal(k1, (b, h, t, dv), jnp.float32).astype(dtype)
+  d_st = jax.random.normal(k2, (b, h, dk, dv), jnp.float32) if d_final else None
+  return d_o, d_st
+
+
+_BWD_INTERPRET_CASES = [
+    # (h, hkv, dk, dv, dtype, gates, s0, d_final)
+    (2, 2, 64, 64, jnp.bfloat16, True, True, True),
+    (2, 1, 128, 64, jnp.bfloat16, True, False, True),   # GQA, K split in 2
+    (2, 2, 64, 64, jnp.bfloat16, False, True, False),
+    (2, 1, 64, 128, jnp.float16, True, True, False),    # GQA, V split in 2
+]
+
+
+@pytest.mark.parametrize("seq_major", [False, True], ids=["head", "seq"])
+@pytest.mark.parametrize("h,hkv,dk,dv,dtype,gates,s0,d_final",
+                         _BWD_INTERPRET_CASES)
+def test_interpret_bwd_matches_xla_vjp(h, hkv, dk, dv, dtype, gates, s0,
+                                       d_final, seq_major):
+  t, scale = 3 * 64, 0.3   # three chunks: first, middle and last of a sweep
+  q, k, v, g, st = _inputs(1, h, hkv, t, dk, dv, dtype, gates, s0, seed=4)
+  d_o, d_st = _cotangents(1, h, t, dk, dv, dtype, d_final)
+  args = _seq(q, k, v, g) + (st,) + _seq(d_o) + (d_st,) if seq_major else (
+      q, k, v, g, st, d_o, d_st)
+  got = la_gpu.linear_attention_bwd(*args, scale=scale, seq_major=seq_major,
+                                    interpret=True)
+  d_st = jnp.zeros((1, h, dk, dv), jnp.float32) if d_st is None else d_st
+  _check_bwd(q, k, v, g, st, scale, d_o, d_st, got, seq_major)
+
+
+def test_bwd_rejects_bad_cotangents():
+  q, k, v, g, st = _inputs(1, 2, 2, 128, 64, 64, jnp.bfloat16, True, False)
+  d_o, d_st = _cotangents(1, 2, 128, 64, 64, jnp.bfloat16, True)
+  with pytest.raises(ValueError, match="d_o"):
+    la_gpu.linear_attention_bwd(q, k, v, g, st, d_o[:, :, :64], d_st,
+                                scale=1.0)
+  with pytest.raises(ValueError, match="d_o"):
+    la_gpu.linear_attention_bwd(q, k, v, g, st, d_o.astype(jnp.float32),
+                                d_st, scale=1.0)
+  with pytest.raises(ValueError, match="d_final_state"):
+    la_gpu.linear_attention_bwd(q, k, v, g, st, d_o, d_st[..., :32],
+                                scale=1.0)
+
+
+@pytest.mark.parametrize("gates", [True, False], ids=["gates", "nogates"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("t", [1024, 8192, 32768])
+def test_bwd_lowers_for_cuda(t, d, gates):
+  b, h, hkv = 2, 4, 2
+  sds = jax.ShapeDtypeStruct
+  bf16 = lambda *s: sds(s, jnp.bfloat16)
+  f32 = lambda *s: sds(s, jnp.float32)
+  args = (bf16(b, t, h, d), bf16(b, t, hkv, d), bf16(b, t, hkv, d),
+          f32(b, t, h) if gates else None, f32(b, h, d, d),
+          bf16(b, t, h, d), f32(b, h, d, d))
+  fn = lambda *a: la_gpu.linear_attention_bwd(*a, scale=d ** -0.5,
+                                              seq_major=True)
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+  text = exported.mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
+  out = exported.out_avals
+  assert [o.shape for o in out[:4]] == [(b, t, h, d)] * 3 + [(b, h, d, d)]
+  assert (out[4].shape == (b, h, t)) if gates else len(out) == 4
+
+
+def test_public_grad_lowers_to_four_kernels_without_big_transposes():
+  """Under jax.grad the public op runs the forward and three backward
+  sweeps, reading [B, T, H, *] as is: only float32 gates/states move."""
+  b, t, h, hkv, d = 2, 8192 + 5, 4, 2, 128
+  sds = jax.ShapeDtypeStruct
+  args = (sds((b, t, h, d), jnp.bfloat16), sds((b, t, hkv, d), jnp.bfloat16),
+          sds((b, t, hkv, d), jnp.bfloat16), sds((b, t, h), jnp.float32))
+
+  def loss(q, k, v, g):
+    return jnp.sum(linear_attention(q, k, v, decay=g,
+                                    implementation="mosaic_gpu",
+                                    interpret=False).astype(jnp.float32))
+
+  from attnlib.ops import linear_attention as la_op
+  hopper = la_op._is_hopper
+  la_op._is_hopper = lambda: True   # lowering only: no GPU needed
+  try:
+    text = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))),
+                             platforms=["cuda"])(*args).mlir_module()
+  finally:
+    la_op._is_hopper = hopper
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4
+  transposes = re.findall(r"stablehlo\.transpose.*", text)
+  assert transposes and not [x for x in transposes if "bf16" in x]
+
+
+@gpu_only
+@pytest.mark.parametrize("seq_major", [False, True], ids=["head", "seq"])
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("h,hkv,gates,s0", _GPU_CASES)
+def test_gpu_bwd_matches_xla_vjp(h, hkv, gates, s0, d, seq_major):
+  b, t, scale = 2, 1024, d ** -0.5
+  q, k, v, g, st = _inputs(b, h, hkv, t, d, d, jnp.bfloat16, gates, s0)
+  d_o, d_st = _cotangents(b, h, t, d, d, jnp.bfloat16, True)
+  args = _seq(q, k, v, g) + (st,) + _seq(d_o) + (d_st,) if seq_major else (
+      q, k, v, g, st, d_o, d_st)
+  got = la_gpu.linear_attention_bwd_jit(*args, scale=scale,
+                                        seq_major=seq_major)
+  _check_bwd(q, k, v, g, st, scale, d_o, d_st, got, seq_major)

@@ -113,14 +113,14 @@ def test_public_op_and_its_gradient_lower_for_tpu(dtype):
   assert tpu_mlir(grad, *args).count("tpu_custom_call") == 3
 
 
-# --- Mosaic GPU (forward kernel; gradients from the xla VJP), in its interpret mode.
+# --- Mosaic GPU (forward and backward kernels), in its interpret mode.
 
 def _gpu(q, k, v, d, s0):
   return al.linear_attention(q, k, v, decay=d, initial_state=s0, return_final_state=True,
                              implementation="mosaic_gpu", interpret=True)
 
 
-@pytest.mark.parametrize("decay", ["gate", None])
+@pytest.mark.parametrize("decay", ["gate", "rate", None])
 def test_mosaic_gpu_forward_and_gradients(decay):
   # T = 70: not a multiple of the 64-token chunk; K = 40, V = 64 (K padded to 64); GQA.
   q, k, v, d, s0 = _inputs(5, t=70, h=2, hkv=1, dk=40, dv=64, decay=decay,
@@ -168,3 +168,26 @@ def test_mosaic_gpu_on_hopper_matches_xla():
     scale = float(jnp.abs(want.astype(jnp.float32)).max())
     np.testing.assert_allclose(np.asarray(got, np.float32) / scale,
                                np.asarray(want, np.float32) / scale, atol=2e-2)
+
+
+@pytest.mark.parametrize("impl", ["mosaic_tpu", "mosaic_gpu"])
+def test_kernels_without_initial_state(impl):
+  """initial_state=None reaches the kernels as None (zeros, nothing read):
+  forward, final state and gradients still match the oracle."""
+  dtype = jnp.float32 if impl == "mosaic_tpu" else jnp.bfloat16
+  q, k, v, d, _ = _inputs(9, t=70, h=2, hkv=1, dk=64, dv=64, decay="gate", dtype=dtype)
+  run = lambda q, k, v, d: al.linear_attention(q, k, v, decay=d, return_final_state=True,
+                                               implementation=impl, interpret=True)
+  ref = lambda q, k, v, d: oracle.linear_attention(q, k, v, decay=d)
+  rng = np.random.default_rng(10)
+  w_o = jnp.asarray(rng.normal(size=(1, 70, 2, 64)), jnp.float32)
+  w_s = jnp.asarray(rng.normal(size=(1, 2, 64, 64)), jnp.float32)
+  loss = lambda fn: lambda *a: (jnp.sum(fn(*a)[0].astype(jnp.float32) * w_o)
+                                + jnp.sum(fn(*a)[1] * w_s))
+  got = (*run(q, k, v, d), *jax.grad(loss(run), (0, 1, 2, 3))(q, k, v, d))
+  want = (*ref(q, k, v, d), *jax.grad(loss(ref), (0, 1, 2, 3))(q, k, v, d))
+  tol = 1e-4 if dtype == jnp.float32 else 2e-2
+  for x, y in zip(got, want):
+    scale = float(jnp.abs(y.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(x, np.float32) / scale,
+                               np.asarray(y, np.float32) / scale, atol=tol)
