@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 
 import jax
 
+from attnlib.ops import _checks
+
 BACKENDS = ("xla", "mosaic_tpu", "mosaic_gpu")
 
 # Preferred kernel for each platform when implementation=None.
@@ -47,3 +49,37 @@ def select(op: str, implementation: str | None,
         f"{op}: implementation={implementation!r} is not implemented yet; "
         f"available: {tuple(available)} (or None to choose automatically).")
   return available[implementation]
+
+
+def is_hopper() -> bool:
+  """Whether the default device is an NVIDIA Hopper GPU (Mosaic GPU's target)."""
+  device = jax.devices()[0]
+  return (device.platform == "gpu"
+          and str(getattr(device, "compute_capability", "")).startswith("9"))
+
+
+def with_kernels(op: str, implementation: str | None, xla: Callable,
+                 kernels: Mapping[str, tuple[Callable, bool, bool, str]]
+                 ) -> dict[str, Callable]:
+  """The `available` mapping for `select`: "xla" and the kernels that can run.
+
+  Args:
+    op, implementation: as in `select`.
+    xla: the "xla" implementation.
+    kernels: name -> (implementation, fits, device_ok, takes): whether the
+      call fits the kernel (head dims, dtype, ...), whether this device (or
+      interpret mode) can run it, and what the kernel takes, for the error.
+
+  Raises:
+    ValueError: `implementation` names a kernel that cannot run this call.
+  """
+  available = {"xla": xla}
+  for name, (impl, fits, device_ok, takes) in kernels.items():
+    if fits and device_ok:
+      available[name] = impl
+    elif implementation == name:
+      _checks.fail(op, "implementation", name,
+                   f"a backend that fits this call: the {name} kernels take "
+                   f"{takes}"
+                   + ("" if device_ok else ", on a Hopper GPU or with interpret=True"))
+  return available

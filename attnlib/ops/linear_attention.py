@@ -281,12 +281,6 @@ def _mosaic_gpu_impl(q: Array, k: Array, v: Array, log_g: Array | None,
       la_gpu, q, k, v, log_g, s0, scale, chunk=GPU_CHUNK, interpret=params)
 
 
-def _is_hopper() -> bool:
-  device = jax.devices()[0]
-  return (device.platform == "gpu"
-          and str(getattr(device, "compute_capability", "")).startswith("9"))
-
-
 def _backends(dk: int, dv: int, dtype, implementation: str | None,
               interpret: bool) -> dict:
   """The implementations that can run this call (see `_dispatch.select`).
@@ -295,22 +289,18 @@ def _backends(dk: int, dv: int, dtype, implementation: str | None,
   and, for Mosaic GPU, when the device is a Hopper GPU or interpret mode runs
   it; naming a kernel that does not fit raises ValueError.
   """
-  backends = {"xla": _xla_impl_jit}
-  kernels = {"mosaic_tpu": (la_tpu, _mosaic_tpu_impl, True),
-             "mosaic_gpu": (la_gpu, _mosaic_gpu_impl, interpret or _is_hopper())}
-  for name, (module, impl, device_ok) in kernels.items():
+  kernels = {}
+  for name, module, impl, device_ok in (
+      ("mosaic_tpu", la_tpu, _mosaic_tpu_impl, True),
+      ("mosaic_gpu", la_gpu, _mosaic_gpu_impl,
+       interpret or _dispatch.is_hopper())):
+    takes = (f"head dims up to {max(module.SUPPORTED_HEAD_DIMS)} (got K={dk}, "
+             f"V={dv}) and dtypes "
+             f"{[jnp.dtype(d).name for d in module.SUPPORTED_DTYPES]} (got "
+             f"{jnp.dtype(dtype).name})")
     fits = _linear_attention_pallas.supports(module, dk, dv, dtype)
-    if fits and device_ok:
-      backends[name] = impl
-    elif implementation == name:
-      _checks.fail(
-          _OP, "implementation", name,
-          f"a backend that fits this call: the {name} kernels take head dims "
-          f"up to {max(module.SUPPORTED_HEAD_DIMS)} (got K={dk}, V={dv}) and "
-          f"dtypes {[jnp.dtype(d).name for d in module.SUPPORTED_DTYPES]} "
-          f"(got {jnp.dtype(dtype).name})"
-          + ("" if device_ok else ", on a Hopper GPU or with interpret=True"))
-  return backends
+    kernels[name] = (impl, fits, device_ok, takes)
+  return _dispatch.with_kernels(_OP, implementation, _xla_impl_jit, kernels)
 
 
 # ----------------------------------------------------------------------------

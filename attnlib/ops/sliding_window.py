@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from attnlib.ops import _blocked
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
+from kernels_pallas.local_attention import mosaic_gpu as local_gpu
+from kernels_pallas.local_attention import tpu as local_tpu
 
 _OP = "al.sliding_window_attention"
 
@@ -24,6 +27,52 @@ def _xla_impl(q: jax.Array, k: jax.Array, v: jax.Array, *, left: int,
   return _blocked.blocked_attention(
       q, k, v, _blocked.softmax_combine, scale=scale, left=left, right=right,
       block_q=block_q)
+
+
+def _padded(d: int, supported: tuple[int, ...]) -> int | None:
+  """The smallest supported head dim >= d (zero columns change no dot
+  product), or None."""
+  return min((x for x in supported if x >= d), default=None)
+
+
+def _kernel_impl(module):
+  """The op's backend signature over a kernel module's entry point: head dims
+  zero-padded to ones the kernels take, windows clamped to T - 1."""
+  @functools.partial(jax.jit, static_argnames=("left", "right", "scale",
+                                               "block_q", "interpret"))
+  def impl(q, k, v, *, left, right, scale, block_q, interpret):
+    del block_q  # the xla implementation's; the kernels tile by their own
+    t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    dp = _padded(d, module.SUPPORTED_HEAD_DIMS)
+    vp = _padded(dv, module.SUPPORTED_HEAD_DIMS)
+    pad = lambda x, n: jnp.pad(x, ((0, 0),) * 3 + ((0, n - x.shape[-1]),))
+    if dp != d:
+      q, k = pad(q, dp), pad(k, dp)
+    if vp != dv:
+      v = pad(v, vp)
+    o = module.sliding_window_attention(
+        q, k, v, left=min(left, t - 1), right=min(right, t - 1), scale=scale,
+        interpret=interpret)
+    return o[..., :dv] if vp != dv else o
+  return impl
+
+
+def _backends(q: jax.Array, v: jax.Array, implementation: str | None,
+              interpret: bool) -> dict:
+  """"xla" and the kernels that fit this call (see `_dispatch.with_kernels`)."""
+  d, dv, dtype = q.shape[-1], v.shape[-1], q.dtype
+  kernels = {}
+  for name, module, device_ok in (
+      ("mosaic_tpu", local_tpu, True),
+      ("mosaic_gpu", local_gpu, interpret or _dispatch.is_hopper())):
+    dims = module.SUPPORTED_HEAD_DIMS
+    dp, vp = _padded(d, dims), _padded(dv, dims)
+    fits = dp is not None and vp is not None and module.supports(dp, vp, dtype)
+    takes = (f"head dims up to {max(dims)} (got D={d}, V={dv}) and dtypes "
+             f"{[jnp.dtype(x).name for x in module.SUPPORTED_DTYPES]} (got "
+             f"{jnp.dtype(dtype).name})")
+    kernels[name] = (_kernel_impl(module), fits, device_ok, takes)
+  return _dispatch.with_kernels(_OP, implementation, _xla_impl, kernels)
 
 
 def sliding_window_attention(
@@ -65,9 +114,15 @@ def sliding_window_attention(
     local_window_size: int w >= 0 or a pair (left, right) of ints >= 0.
     is_causal: additionally mask keys after the query (j > i).
     scale: logit scale; None means D ** -0.5.
-    implementation: None or "xla" ("mosaic_tpu"/"mosaic_gpu" are not
-      implemented yet).
-    interpret: Pallas interpret mode for kernel backends.
+    implementation: None (the kernel of the platform when the call fits it,
+      else "xla"), "xla", "mosaic_tpu" (kernels_pallas/local_attention/tpu.py:
+      block-sparse flash attention, forward and backward; D, V up to 256,
+      zero-padded to 64/128/256; f32/bf16/f16) or "mosaic_gpu"
+      (.../mosaic_gpu.py, Hopper: D, V up to 128, zero-padded to 64/128;
+      bf16/f16). The kernels visit only the key tiles that meet some
+      window of a query tile and mask only the tiles that straddle an edge.
+    interpret: Pallas interpret mode for kernel backends (TPU semantics with
+      pltpu.InterpretParams, Mosaic GPU with plgpu.InterpretGPUParams).
 
   Returns:
     [B, T, H, V] in q.dtype.
@@ -77,17 +132,20 @@ def sliding_window_attention(
       heads not divisible, dtypes differing or not floating, a bad
       ``local_window_size`` (negative, wrong type or length), a non-bool
       ``is_causal`` or ``interpret``, a non-finite or non-numeric ``scale``, or
-      an unknown ``implementation``.
-    NotImplementedError: for a kernel backend that does not exist yet.
+      an unknown ``implementation`` or a named kernel that does not fit the
+      call (head dims, dtype, or mosaic_gpu off Hopper without interpret).
   """
   _blocked.check_qkv(_OP, q, k, v, same_length=True)
   window = _blocked.parse_window(_OP, local_window_size)
   _checks.check_bool(_OP, "is_causal", is_causal)
   _checks.check_scale(_OP, scale)
-  impl = _dispatch.select(_OP, implementation, {"xla": _xla_impl}, interpret)
+  impl = _dispatch.select(_OP, implementation,
+                          _backends(q, v, implementation, interpret), interpret)
   left, right = _blocked.band(q.shape[1], k.shape[1], window, bool(is_causal))
+  kwargs = {} if impl is _xla_impl else {"interpret": interpret}
   return impl(q, k, v, left=left, right=right,
-              scale=_checks.default_scale(q.shape[-1], scale), block_q=BLOCK_Q)
+              scale=_checks.default_scale(q.shape[-1], scale), block_q=BLOCK_Q,
+              **kwargs)
 
 
 __all__ = ["sliding_window_attention"]

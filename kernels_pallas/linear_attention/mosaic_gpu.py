@@ -78,6 +78,8 @@ import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+from kernels_pallas import mosaic_gpu_common as common
+
 SUPPORTED_HEAD_DIMS = _SUPPORTED_DIMS = (64, 128)
 SUPPORTED_DTYPES = _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _SMEM_LIMIT = 227 * 1024   # per-block opt-in SMEM on H100/H200
@@ -154,32 +156,6 @@ def _gate_inputs(log_gates, chunk, width, seq_major):
   return packed.reshape(b, h, -1)
 
 
-def _accumulate(mma, inits, interpret):
-  """Returns inits[i] + (the products `mma(*acc_refs)` issues into acc_refs[i]).
-
-  On the GPU each accumulator starts from its init (`pl.run_state`; all the
-  wgmmas are awaited once, at the end). Mosaic GPU interpret mode does not
-  handle `run_state_p` (jax 0.11.2), so there the products go into fresh zero
-  accumulators (`pl.run_scoped`) and the inits are added afterwards: same
-  math, one extra register add.
-  """
-  if not interpret:
-    return pl.run_state(lambda refs: mma(*refs))(
-        tuple(plgpu.ACC.init(x) for x in inits))
-  def scoped(*acc_refs):
-    mma(*acc_refs)
-    return tuple(r[...] for r in acc_refs)
-  outs = pl.run_scoped(
-      scoped, *(plgpu.ACC(x.shape, jnp.float32) for x in inits))
-  return tuple(x + y for x, y in zip(inits, outs))
-
-
-def _interpret_params(interpret):
-  if interpret is True:
-    return plgpu.InterpretGPUParams()
-  return None if interpret is False else interpret
-
-
 def _sweep(x, y, z, gates, state, dot_with, *, heads, kv_inputs, reverse,
            out_scale, a_scale, w_scale, out_dtype, want_state, chunk, v_block,
            max_concurrent_steps, seq_major, interpret):
@@ -216,7 +192,7 @@ def _sweep(x, y, z, gates, state, dot_with, *, heads, kv_inputs, reverse,
   has_gates = gates is not None
   has_state = state is not None
   has_dot = dot_with is not None
-  interpret = _interpret_params(interpret)
+  interpret = common.interpret_params(interpret)
   gate_len = gates.shape[-1] // n_chunks if has_gates else 0
   if has_gates and gate_len < chunk + max(chunk, dq):
     raise ValueError(f"gates pack {gate_len} floats per chunk; need "
@@ -359,7 +335,7 @@ def _sweep(x, y, z, gates, state, dot_with, *, heads, kv_inputs, reverse,
       def az_yz(o_acc, e_acc):
         plgpu.wgmma(o_acc, a16, z_smem)
         plgpu.wgmma(e_acc, yt_smem.transpose((1, 0)), zs_smem)
-      o, e_new = _accumulate(az_yz, (p, e_prev), interpret)
+      o, e_new = common.accumulate(az_yz, (p, e_prev), interpret)
 
       # 5. out tile (and row dots) -> SMEM -> TMA store. Two buffers each:
       # before reusing one, wait until only the other's stores may still be

@@ -202,9 +202,10 @@ def test_implementation_xla_and_kernels():
                                     implementation="xla")
   want = oracle.sliding_window_attention(q, k, v, left=2, right=5)
   np.testing.assert_allclose(out, want, **F32_TOL)
-  with pytest.raises(NotImplementedError):
+  # The Mosaic GPU kernels take bf16/f16 only.
+  with pytest.raises(ValueError, match="implementation='mosaic_gpu'"):
     al.sliding_window_attention(q, k, v, local_window_size=1,
-                                implementation="mosaic_tpu")
+                                implementation="mosaic_gpu")
 
 
 # ----------------------------------------------------------------------------
@@ -259,3 +260,35 @@ def test_bad_input(overrides, match):
   with pytest.raises(ValueError, match=match) as info:
     _bad_call(**overrides)
   assert "al.sliding_window_attention" in str(info.value)
+
+
+# The Pallas kernels through the public op (interpret mode on CPU): head dims
+# zero-padded (40 -> 64, 24 -> 64), windows wider than T clamped, gradients.
+@pytest.mark.parametrize("impl,dtype,window,is_causal", [
+    ("mosaic_tpu", jnp.float32, (9, 30), False),
+    ("mosaic_tpu", jnp.bfloat16, (200, 0), True),
+    ("mosaic_gpu", jnp.bfloat16, (70, 5), True),
+])
+def test_kernels_through_the_op(impl, dtype, window, is_causal):
+  q, k, v = make_qkv(3, b=1, t=70, d=40, dv=24, dtype=dtype)
+  left, right = window
+  rng = np.random.default_rng(4)
+  w = jnp.asarray(rng.standard_normal((1, 70, 4, 24)), jnp.float32)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+
+  run = lambda q, k, v: al.sliding_window_attention(
+      q, k, v, local_window_size=window, is_causal=is_causal,
+      implementation=impl, interpret=True)
+  ref = lambda q, k, v: oracle.sliding_window_attention(
+      q, k, v, left=left, right=right, is_causal=is_causal)
+  out = run(q, k, v)
+  assert out.shape == (1, 70, 4, 24) and out.dtype == dtype
+  got = (out,) + jax.grad(loss(run), (0, 1, 2))(q, k, v)
+  want = (ref(q, k, v),) + jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+  tol = 1e-4 if dtype == jnp.float32 else 2e-2
+  for x, y in zip(got, want):
+    scale = float(jnp.abs(y.astype(jnp.float32)).max())
+    np.testing.assert_allclose(np.asarray(x, np.float32) / scale,
+                               np.asarray(y, np.float32) / scale, atol=tol)

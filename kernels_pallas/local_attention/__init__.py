@@ -1,0 +1,1 @@
+"""Block-sparse local (sliding-window / neighborhood) attention kernels."""

@@ -1,0 +1,560 @@
+"""Block-sparse 1-D sliding-window (local) attention for Hopper GPUs, forward
+and backward, as Mosaic GPU (Pallas) kernels with a `jax.custom_vjp`.
+
+For q [B, T, H, D], k [B, T, Hkv, D], v [B, T, Hkv, V] (query head h reads
+kv head h // (H // Hkv)), query i sees key j iff
+
+  i - left <= j <= i + right  and  0 <= j < T,
+
+and, with s_ij = scale * q_i . k_j over the visible j only,
+
+  o_i   = sum_j p_ij v_j,        p_ij = exp(s_ij - lse_i),
+  lse_i = log sum_j exp(s_ij)    (saved for the backward).
+
+Backward (dO the output cotangent, delta_i = dO_i . o_i, computed in XLA):
+
+  dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i),
+  dq_i  = scale sum_j ds_ij k_j,
+  dk_j  = scale sum_i ds_ij q_i,   dv_j = sum_i p_ij dO_i.
+
+Block sparsity. T is zero-padded to a multiple of the block (64) and cut
+into tiles of 64 queries / 64 keys. The keys some real query of query tile
+[q0, q0 + 64) sees form the interval [max(0, q0 - left), min(q1 + right,
+T - 1)] (q1 = its last real query), so a CTA visits only the key tiles
+
+  kv_start = max(0, q0 - left) // 64,
+  kv_end   = min(q1 + right, T - 1) // 64 + 1
+
+(`tile_range`); symmetrically a key tile is reached by the query tiles of
+`tile_range` with (left, right) swapped. A (query tile, key tile) pair is
+*interior* when every query of the tile sees every key of the tile
+(k0 >= q0 + 63 - left, k0 + 63 <= q0 + right, k0 + 63 < T); only the other
+(edge) pairs evaluate the band mask. Tiles outside the range take no part in
+the math (see below for the one load a skipped step still issues).
+
+Kernels (one warpgroup = one CTA per (tile, head, batch), grid
+(tiles, H, B)). Each pipeline is a `plgpu.emit_pipeline` over a static
+number of steps (the largest range of any CTA); step i loads tile
+start + i (clamped to the last tile) with TMA, double-buffered, and a CTA
+whose range is shorter skips its extra steps (`lax.cond`, no math; the TMA
+load of such a step, a clamped tile, still happens and is ignored: only
+CTAs near the sequence ends have shorter ranges). All matmuls are wgmma with
+float32 accumulation; probabilities are rounded to the input dtype before
+P V, dS K etc. as in FlashAttention.
+
+  forward: per query tile, the online softmax over its key tiles (base 2:
+    m, l and the saved lse are in units of log2); o and lse via TMA stores.
+  dq:      per query tile, over the same key tiles: p from lse, dp = dO V^T.
+  dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
+    with GQA the H // Hkv heads of a group are summed in XLA (float32).
+
+Masked scores are a large finite negative (not -inf), so a row whose first
+tiles are all masked never takes inf - inf; its junk sums are scaled by
+exp2(-1e30 - m) = 0 once a visible key arrives (every real query sees
+itself). Padded queries (rows >= T) are computed and sliced off; their
+output cotangent is 0, so they add nothing to dk/dv.
+
+Supported: bfloat16/float16 inputs (float32 raises ValueError), D and V in
+(64, 128) (other head dims raise ValueError: no zero-padding here), any
+T >= 1, block_q = block_kv = 64.
+
+Interpret mode (`interpret=True`: Mosaic GPU's CPU interpreter, jax 0.11.2)
+runs the same kernels with two differences it forces: wgmma A operands that
+live in registers on the GPU (P, dS) go through SMEM scratch, and the
+accumulators start at zero with the carried value added afterwards (no
+`run_state` there).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from kernels_pallas import mosaic_gpu_common as common
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+_BLOCK = 64
+_LOG2E = math.log2(math.e)
+_MASK = -1e30   # masked (log2-scaled) score; finite on purpose (docstring)
+
+
+def supports(d: int, dv: int, dtype) -> bool:
+  """Whether the kernels take head dims (d, dv) and this input dtype."""
+  return (d in SUPPORTED_HEAD_DIMS and dv in SUPPORTED_HEAD_DIMS
+          and jnp.dtype(dtype) in map(jnp.dtype, SUPPORTED_DTYPES))
+
+
+def tile_range(tile, *, t, back, ahead, block_src=_BLOCK, block_dst=_BLOCK,
+               maximum=max, minimum=min):
+  """[start, end) of the destination tiles that tile `tile` of the source
+  axis reaches, where source position i reaches destination positions
+  [i - back, i + ahead] ∩ [0, t).
+
+  Query tile -> key tiles: back=left, ahead=right. Key tile -> query tiles:
+  back=right, ahead=left. Works on Python ints and (with maximum=jnp.maximum,
+  minimum=jnp.minimum) on traced int32 scalars.
+  """
+  first = tile * block_src
+  last = minimum(first + block_src, t) - 1       # last real position
+  start = maximum(first - back, 0) // block_dst
+  end = minimum(last + ahead, t - 1) // block_dst + 1
+  return start, end
+
+
+def _interior(q0, k0, *, t, left, right, block_q, block_kv):
+  """Whether every query in [q0, q0 + block_q) sees every key of
+  [k0, k0 + block_kv)."""
+  return ((k0 >= q0 + block_q - 1 - left) & (k0 + block_kv - 1 <= q0 + right)
+          & (k0 + block_kv - 1 < t))
+
+
+def _max_steps(n_src, **kw):
+  return max(e - s for s, e in (tile_range(i, **kw) for i in range(n_src)))
+
+
+def _products(mma, shapes):
+  """Fresh float32 accumulators of `shapes` filled by `mma(*acc_refs)`, one
+  wgmma group."""
+  def scoped(*acc_refs):
+    mma(*acc_refs)
+    return tuple(r[...] for r in acc_refs)
+  return pl.run_scoped(scoped, *(plgpu.ACC(s, jnp.float32) for s in shapes))
+
+
+_TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+_WGMMA = plgpu.Layout.WGMMA
+_ROWS = plgpu.Layout.WGMMA.reduce(1)   # one value per row
+_COLS = plgpu.Layout.WGMMA.reduce(0)   # one value per column
+_PARAMS = plgpu.CompilerParams(
+    approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def _visible(row0, col0, shape, *, t, left, right, keys_on_rows):
+  """[bq, bk] (or [bk, bq] if keys_on_rows) band mask in the WGMMA layout."""
+  r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA) + row0
+  c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA) + col0
+  qi, kj = (c, r) if keys_on_rows else (r, c)
+  return (kj >= qi - left) & (kj <= qi + right) & (kj < t)
+
+
+def _bcast(x, shape, dim):
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _a_operand(x16, smem):
+  """wgmma A operand: registers on the GPU, SMEM (scratch) in interpret."""
+  if smem is None:
+    return x16
+  smem[...] = x16
+  plgpu.commit_smem()
+  return smem
+
+
+def _skip_or(valid, interior, step, carry):
+  """carry if not valid, else step(carry, masked=not interior)."""
+  def run(c):
+    return lax.cond(interior, functools.partial(step, masked=False),
+                    functools.partial(step, masked=True), c)
+  return lax.cond(valid, run, lambda c: c, carry)
+
+
+# ---------------------------------------------------------------- forward ---
+
+
+def _forward(q, k, v, *, t, left, right, scale, interpret):
+  """q [B, Tp, H, D] (Tp % 64 == 0) -> (o [B, Tp, H, V] q.dtype,
+  lse [B, H, Tp] float32 in log2 units of the scaled scores)."""
+  b, tp, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = h // hkv
+  bq = bk = _BLOCK
+  n = tp // bq
+  dtype = q.dtype
+  c = float(scale) * _LOG2E
+  kw = dict(t=t, back=left, ahead=right, block_src=bq, block_dst=bk)
+  max_steps = _max_steps(n, **kw)
+  interp = common.interpret_params(interpret)
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem,
+             bar, *maybe_p):
+    p_smem = maybe_p[0] if maybe_p else None
+    qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    q0 = qt * bq
+    start, end = tile_range(qt, **kw, maximum=jnp.maximum,
+                            minimum=jnp.minimum)
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(q0, bq), hh], q_smem, bar)
+    plgpu.barrier_wait(bar)
+
+    def body(idx, k_smem, v_smem, carry):
+      (i,) = idx
+      kt = start + i
+
+      def step(carry, masked):
+        m, l, acc = carry
+        (s,) = _products(
+            lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
+            [(bq, bk)])
+        s = s * c                                          # [bq, bk] log2
+        if masked:
+          vis = _visible(q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+                         keys_on_rows=False)
+          s = jnp.where(vis, s, _MASK)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - _bcast(m_new, (bq, bk), 0))
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * _bcast(alpha, (bq, dv), 0)
+        p16 = _a_operand(p.astype(dtype), p_smem)
+        (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
+                                   (acc,), interp)
+        return m_new, l, acc
+
+      interior = _interior(q0, kt * bk, t=t, left=left, right=right,
+                           block_q=bq, block_kv=bk)
+      return _skip_or(kt < end, interior, step, carry)
+
+    clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
+    init = (
+        plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROWS),
+        plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROWS),
+        plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA),
+    )
+    pipeline = plgpu.emit_pipeline(
+        body, grid=(max_steps,),
+        in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
+        out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
+        init_carry=init)
+    m, l, acc = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+    o_smem[...] = (acc / _bcast(l, (bq, dv), 0)).astype(dtype)
+    lse_smem[...] = m + jnp.log(l) * _LOG2E
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, pl.ds(q0, bq), hh])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bb, hh, pl.ds(q0, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((bq, d), dtype, transforms=_TILED),
+             plgpu.SMEM((bq, dv), dtype, transforms=_TILED),
+             plgpu.SMEM((bq,), jnp.float32),
+             plgpu.Barrier()]
+  if interp is not None:
+    scratch.append(plgpu.SMEM((bq, bk), dtype, transforms=_TILED))
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
+                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
+      grid=(n, h, b), grid_names=("q", "heads", "batch"),
+      scratch_types=tuple(scratch), compiler_params=_PARAMS,
+      interpret=interp,
+  )(q, k, v)
+
+
+# --------------------------------------------------------------- backward ---
+
+
+def _backward_dq(q, k, v, do, lse, delta, *, t, left, right, scale,
+                 interpret):
+  """dq [B, Tp, H, D] q.dtype; lse, delta [B, H, Tp] float32."""
+  b, tp, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = h // hkv
+  bq = bk = _BLOCK
+  n = tp // bq
+  dtype = q.dtype
+  c = float(scale) * _LOG2E
+  kw = dict(t=t, back=left, ahead=right, block_src=bq, block_dst=bk)
+  max_steps = _max_steps(n, **kw)
+  interp = common.interpret_params(interpret)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+             q_smem, do_smem, dq_smem, bars, *maybe_ds):
+    ds_smem = maybe_ds[0] if maybe_ds else None
+    qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    q0 = qt * bq
+    start, end = tile_range(qt, **kw, maximum=jnp.maximum,
+                            minimum=jnp.minimum)
+    rows = pl.ds(q0, bq)
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(do_ref.at[bb, rows, hh], do_smem, bars.at[1])
+    lse_i = plgpu.load(lse_ref.at[bb, hh, rows], layout=_ROWS,
+                       optimized=False)
+    delta_i = plgpu.load(delta_ref.at[bb, hh, rows], layout=_ROWS,
+                         optimized=False)
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[1])
+
+    def body(idx, k_smem, v_smem, dq_acc):
+      (i,) = idx
+      kt = start + i
+
+      def step(dq_acc, masked):
+        def mma(s_ref, dp_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
+        s, dp = _products(mma, [(bq, bk), (bq, bk)])
+        p = jnp.exp2(s * c - _bcast(lse_i, (bq, bk), 0))
+        if masked:
+          vis = _visible(q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+                         keys_on_rows=False)
+          p = jnp.where(vis, p, 0.0)
+        ds = p * (dp - _bcast(delta_i, (bq, bk), 0))
+        ds16 = _a_operand(ds.astype(dtype), ds_smem)
+        (dq_acc,) = common.accumulate(
+            lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
+        return dq_acc
+
+      interior = _interior(q0, kt * bk, t=t, left=left, right=right,
+                           block_q=bq, block_kv=bk)
+      return _skip_or(kt < end, interior, step, dq_acc)
+
+    clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
+    pipeline = plgpu.emit_pipeline(
+        body, grid=(max_steps,),
+        in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
+        out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
+        init_carry=plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32),
+                                     _WGMMA))
+    dq = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+    dq_smem[...] = (dq * float(scale)).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bb, rows, hh])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((bq, d), dtype, transforms=_TILED),
+             plgpu.SMEM((bq, dv), dtype, transforms=_TILED),
+             plgpu.SMEM((bq, d), dtype, transforms=_TILED),
+             plgpu.Barrier(num_barriers=2)]
+  if interp is not None:
+    scratch.append(plgpu.SMEM((bq, bk), dtype, transforms=_TILED))
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      grid=(n, h, b), grid_names=("q", "heads", "batch"),
+      scratch_types=tuple(scratch), compiler_params=_PARAMS,
+      interpret=interp,
+  )(q, k, v, do, lse, delta)
+
+
+def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
+                  interpret):
+  """(dk [B, Tp, H, D], dv [B, Tp, H, V]) per QUERY head, in q.dtype when
+  H == Hkv else float32."""
+  b, tp, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = h // hkv
+  bq = bk = _BLOCK
+  n = tp // bk
+  dtype = q.dtype
+  out_dtype = dtype if group == 1 else jnp.float32
+  out_tf = _TILED if group == 1 else ()
+  c = float(scale) * _LOG2E
+  kw = dict(t=t, back=right, ahead=left, block_src=bk, block_dst=bq)
+  max_steps = _max_steps(n, **kw)
+  interp = common.interpret_params(interpret)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+             k_smem, v_smem, dk_smem, dv_smem, bars, *maybe_a):
+    pt_smem, dst_smem = maybe_a if maybe_a else (None, None)
+    kt, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    k0 = kt * bk
+    start, end = tile_range(kt, **kw, maximum=jnp.maximum,
+                            minimum=jnp.minimum)
+    keys = pl.ds(k0, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh], k_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh], v_smem, bars.at[1])
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[1])
+
+    def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
+      (i,) = idx
+      qt = start + i
+
+      def step(carry, masked):
+        dk_acc, dv_acc = carry
+        def mma(st_ref, dpt_ref):
+          plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
+          plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+        st, dpt = _products(mma, [(bk, bq), (bk, bq)])   # [keys, queries]
+        lse_j = plgpu.load(lse_smem, layout=_COLS)
+        delta_j = plgpu.load(delta_smem, layout=_COLS)
+        pt = jnp.exp2(st * c - _bcast(lse_j, (bk, bq), 1))
+        if masked:
+          vis = _visible(k0, qt * bq, (bk, bq), t=t, left=left, right=right,
+                         keys_on_rows=True)
+          pt = jnp.where(vis, pt, 0.0)
+        dst = pt * (dpt - _bcast(delta_j, (bk, bq), 1))
+        pt16 = _a_operand(pt.astype(dtype), pt_smem)
+        dst16 = _a_operand(dst.astype(dtype), dst_smem)
+        def acc(dk_ref, dv_ref):
+          plgpu.wgmma(dv_ref, pt16, do_smem)
+          plgpu.wgmma(dk_ref, dst16, q_smem)
+        return common.accumulate(acc, (dk_acc, dv_acc), interp)
+
+      interior = _interior(qt * bq, k0, t=t, left=left, right=right,
+                           block_q=bq, block_kv=bk)
+      return _skip_or(qt < end, interior, step, carry)
+
+    clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
+    clamp1 = lambda i: (jnp.minimum(start + i, n - 1),)
+    init = (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
+            plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA))
+    pipeline = plgpu.emit_pipeline(
+        body, grid=(max_steps,),
+        in_specs=[plgpu.BlockSpec((bq, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((bq, dv), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((bq,), clamp1),
+                  plgpu.BlockSpec((bq,), clamp1)],
+        out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
+        init_carry=init)
+    dk, dv_ = pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh],
+                       lse_ref.at[bb, hh], delta_ref.at[bb, hh])
+    dk_smem[...] = (dk * float(scale)).astype(out_dtype)
+    dv_smem[...] = dv_.astype(out_dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[bb, keys, hh])
+    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[bb, keys, hh])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((bk, d), dtype, transforms=_TILED),
+             plgpu.SMEM((bk, dv), dtype, transforms=_TILED),
+             plgpu.SMEM((bk, d), out_dtype, transforms=out_tf),
+             plgpu.SMEM((bk, dv), out_dtype, transforms=out_tf),
+             plgpu.Barrier(num_barriers=2)]
+  if interp is not None:
+    scratch += [plgpu.SMEM((bk, bq), dtype, transforms=_TILED)] * 2
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((b, tp, h, d), out_dtype),
+                jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype)),
+      grid=(n, h, b), grid_names=("kv", "heads", "batch"),
+      scratch_types=tuple(scratch), compiler_params=_PARAMS,
+      interpret=interp,
+  )(q, k, v, do, lse, delta)
+
+
+# ------------------------------------------------------------ custom_vjp ---
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _attention(q, k, v, t, left, right, scale, interpret):
+  """On T-padded arrays ([B, Tp, *, *], Tp % 64 == 0); t is the real T."""
+  o, _ = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
+                  interpret=interpret)
+  return o
+
+
+def _attention_fwd(q, k, v, t, left, right, scale, interpret):
+  o, lse = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
+                    interpret=interpret)
+  return o, (q, k, v, o, lse)
+
+
+def _attention_bwd(t, left, right, scale, interpret, res, do):
+  q, k, v, o, lse = res
+  do = do.astype(q.dtype)
+  delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32),
+                     o.astype(jnp.float32))                  # [B, H, Tp]
+  kw = dict(t=t, left=left, right=right, scale=scale, interpret=interpret)
+  dq = _backward_dq(q, k, v, do, lse, delta, **kw)
+  dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw)
+  h, hkv = q.shape[2], k.shape[2]
+  if h != hkv:   # sum each group of H // Hkv query heads into its kv head
+    sum_heads = lambda x: x.reshape(
+        *x.shape[:2], hkv, h // hkv, x.shape[-1]).sum(axis=3)
+    dk, dv = sum_heads(dk), sum_heads(dv)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, left, right, block_sizes):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be rank 4 [B, T, heads, dim], got "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  b, t, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  if k.shape != (b, t, hkv, d):
+    raise ValueError(f"k.shape={k.shape} must be {(b, t, hkv, d)}")
+  if v.shape[:3] != (b, t, hkv):
+    raise ValueError(f"v.shape={v.shape} must start with {(b, t, hkv)}")
+  if t < 1 or hkv < 1 or h % hkv:
+    raise ValueError(f"T={t} must be >= 1 and H={h} a multiple of Hkv={hkv}")
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
+                     f"{v.dtype}")
+  if jnp.dtype(q.dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+    raise ValueError(f"dtype={q.dtype} unsupported: expected bfloat16 or "
+                     f"float16")
+  if d not in SUPPORTED_HEAD_DIMS or dv not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head dims D={d}, V={dv} must be in "
+                     f"{SUPPORTED_HEAD_DIMS}")
+  for name, w in (("left", left), ("right", right)):
+    try:
+      ok = operator.index(w) >= 0
+    except TypeError:
+      ok = False
+    if not ok:
+      raise ValueError(f"{name}={w!r} must be an int >= 0")
+  for name, val in block_sizes.items():
+    if name not in ("block_q", "block_kv"):
+      raise ValueError(f"unknown block size {name}={val!r}; expected "
+                       f"block_q or block_kv")
+    if val != _BLOCK:
+      raise ValueError(f"{name}={val!r} unsupported: expected {_BLOCK}")
+
+
+def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
+                             interpret=False, **block_sizes) -> jax.Array:
+  """Sliding-window attention (module docstring) on Hopper, differentiable.
+
+  Args:
+    q: [B, T, H, D] bfloat16 or float16; D in SUPPORTED_HEAD_DIMS.
+    k: [B, T, Hkv, D], v: [B, T, Hkv, V], same dtype; H % Hkv == 0.
+    left, right: window (ints >= 0); causal is right=0.
+    scale: Python float multiplying q . k.
+    interpret: False, True (`plgpu.InterpretGPUParams()`) or an
+      `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
+    **block_sizes: block_q, block_kv; only 64 is supported.
+
+  Returns:
+    [B, T, H, V] in q.dtype. Its VJP runs the dq and dk/dv kernels.
+
+  Raises:
+    ValueError: bad ranks/shapes, dtype not bf16/f16 (float32 included), D
+      or V not in (64, 128), negative windows, unsupported block sizes.
+  """
+  _check(q, k, v, left, right, block_sizes)
+  t = q.shape[1]
+  left, right = min(int(left), t - 1), min(int(right), t - 1)
+  tp = -(-t // _BLOCK) * _BLOCK
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  if tp != t:
+    q, k, v = pad(q), pad(k), pad(v)
+  o = _attention(q, k, v, t, left, right, float(scale), interpret)
+  return o[:, :t]
+
+
+def forward_with_lse(q, k, v, *, left: int, right: int, scale: float,
+                     interpret=False):
+  """(o [B, T, H, V], lse [B, H, T] float32, natural log) without autodiff;
+  for tests and diagnostics."""
+  _check(q, k, v, left, right, {})
+  t = q.shape[1]
+  left, right = min(int(left), t - 1), min(int(right), t - 1)
+  tp = -(-t // _BLOCK) * _BLOCK
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  o, lse = _forward(pad(q), pad(k), pad(v), t=t, left=left, right=right,
+                    scale=float(scale), interpret=interpret)
+  return o[:, :t], lse[:, :, :t] / _LOG2E

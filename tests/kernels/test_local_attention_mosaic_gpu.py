@@ -1,0 +1,299 @@
+"""Tests of the Mosaic GPU (Hopper) sliding-window attention kernels,
+forward and backward (kernels_pallas/local_attention/mosaic_gpu.py).
+
+Tiers:
+  * the per-CTA tile ranges and interior flags against brute force over the
+    band mask (pure Python);
+  * numerics under Mosaic GPU interpret mode on small shapes (CPU): output,
+    lse, dq, dk, dv against the dense oracle tests/oracles/sliding_window.py
+    (gradients: jax.grad of a random-weighted sum of its output);
+  * lowering for "cuda" via jax.export (CPU, no GPU needed), T = 16384;
+  * the compiled kernels on a real GPU (skipped unless the backend is "gpu").
+The kernels take bfloat16/float16 only (float32 raises ValueError), so the
+numerics use bf16/f16 inputs (the oracle upcasts them to float32) and the
+16-bit tolerance 2e-2 relative to the reference's max.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.local_attention import mosaic_gpu as swa_gpu
+from tests.oracles.sliding_window import sliding_window_attention as oracle
+
+_ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not _ON_GPU, reason="needs a Hopper GPU")
+_TOL = 2e-2
+
+
+def _inputs(t, h, hkv, d, dtype, seed=0, b=1):
+  """q [B,T,H,D], k/v [B,T,Hkv,D], a random output weight [B,T,H,D]."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, h, d), jnp.float32).astype(dtype)
+  k = jax.random.normal(keys[1], (b, t, hkv, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (b, t, hkv, d), jnp.float32).astype(dtype)
+  w = jax.random.normal(keys[3], (b, t, h, d), jnp.float32)
+  return q, k, v, w
+
+
+def _rel_err(x, ref):
+  x = np.asarray(x, np.float32)
+  ref = np.asarray(ref, np.float32)
+  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-6))
+
+
+def _check_close(x, ref, what):
+  """16-bit tolerance relative to the reference's max; a reference that is
+  exactly zero (e.g. dq, dk of the window (0, 0)) needs |x| < tol."""
+  ref = np.asarray(ref, np.float32)
+  x = np.asarray(x, np.float32)
+  assert x.shape == ref.shape, (what, x.shape, ref.shape)
+  assert np.all(np.isfinite(x)), what
+  if np.max(np.abs(ref)) == 0.0:
+    assert np.max(np.abs(x)) < _TOL, what
+  else:
+    assert _rel_err(x, ref) < _TOL, (what, _rel_err(x, ref))
+
+
+def _grads(fn, q, k, v, w):
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+  return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+# ------------------------------------------------------------ tile ranges ---
+
+
+def _band(t, left, right, rows):
+  """[rows, t] bool: query i (i may be >= t, a padded row) sees key j."""
+  i = np.arange(rows)[:, None]
+  j = np.arange(t)[None, :]
+  return (j >= i - left) & (j <= i + right)
+
+
+@pytest.mark.parametrize("t,left,right", [
+    (1, 0, 0), (64, 0, 0), (130, 0, 0), (130, 2, 50), (200, 190, 0),
+    (200, 17, 0), (150, 149, 149), (191, 63, 64), (1000, 300, 5),
+    (3000, 1000, 0)])
+def test_tile_ranges_match_band_mask(t, left, right):
+  bs = 64
+  n = -(-t // bs)
+  tp = n * bs
+  mask = _band(t, left, right, tp)          # [Tp, T], padded rows included
+  real = mask[:t]
+  pad_keys = np.zeros((tp, tp), bool)
+  pad_keys[:, :t] = mask                     # keys >= T never visible
+  real_pad = pad_keys.copy()
+  real_pad[t:] = False                       # only real queries
+  for a in range(n):                         # query tile a
+    rows = slice(a * bs, (a + 1) * bs)
+    want = [c for c in range(n)
+            if real_pad[rows, c * bs:(c + 1) * bs].any()]
+    s, e = swa_gpu.tile_range(a, t=t, back=left, ahead=right)
+    assert list(range(s, e)) == want, (a, s, e, want)
+    for c in range(n):
+      block = pad_keys[rows, c * bs:(c + 1) * bs]
+      interior = bool(swa_gpu._interior(a * bs, c * bs, t=t, left=left,
+                                        right=right, block_q=bs, block_kv=bs))
+      assert interior == bool(block.all()), (a, c)
+  for c in range(n):                         # key tile c -> query tiles
+    cols = slice(c * bs, (c + 1) * bs)
+    want = [a for a in range(n) if real_pad[a * bs:(a + 1) * bs, cols].any()]
+    s, e = swa_gpu.tile_range(c, t=t, back=right, ahead=left)
+    assert list(range(s, e)) == want, (c, s, e, want)
+  assert real.any(axis=1).all()              # every real query sees a key
+
+
+def test_tile_ranges_are_block_sparse():
+  # T = 16384, causal window 512: at most 9 of the 256 key tiles per CTA.
+  kw = dict(t=16384, back=511, ahead=0)
+  assert swa_gpu._max_steps(256, **kw) == 9
+  assert swa_gpu.tile_range(100, **kw) == (92, 101)
+  assert swa_gpu.tile_range(3, **kw) == (0, 4)
+
+
+# ------------------------------------------------------ interpret numerics ---
+
+# (T, H, Hkv, dtype, left, right): GQA everywhere but one MHA f16 case; T not
+# a multiple of 64 except one; windows (0, 0), causal narrower and wider than
+# a block, asymmetric, causal with interior tiles, full.
+_CASES = [
+    (150, 4, 2, jnp.bfloat16, 0, 0),
+    (150, 4, 2, jnp.bfloat16, 100, 0),
+    (130, 4, 2, jnp.bfloat16, 2, 50),
+    (200, 4, 2, jnp.bfloat16, 190, 0),
+    (150, 4, 2, jnp.bfloat16, 149, 149),
+    (192, 2, 2, jnp.float16, 17, 70),
+]
+
+
+@pytest.mark.parametrize("t,h,hkv,dtype,left,right", _CASES)
+def test_interpret_matches_oracle(t, h, hkv, dtype, left, right):
+  d = 64
+  scale = d ** -0.5
+  q, k, v, w = _inputs(t, h, hkv, d, dtype)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=right, scale=scale, interpret=True)
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=scale)
+  o = fn(q, k, v)
+  assert o.shape == (1, t, h, d) and o.dtype == dtype
+  _check_close(o, ref(q, k, v), "o")
+  for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
+                            _grads(ref, q, k, v, w)):
+    assert g.dtype == dtype, name
+    _check_close(g, g_ref, name)
+
+
+def test_interpret_lse():
+  t, h, hkv, d, left, right = 150, 2, 1, 64, 70, 3
+  q, k, v, _ = _inputs(t, h, hkv, d, jnp.bfloat16, seed=1)
+  o, lse = swa_gpu.forward_with_lse(q, k, v, left=left, right=right,
+                                    scale=0.125, interpret=True)
+  qf, kf = (np.asarray(x, np.float64) for x in (q, k))
+  s = np.einsum("bihd,bjd->bhij", qf, kf[:, :, 0]) * 0.125
+  s = np.where(_band(t, left, right, t), s, -np.inf)
+  want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+  assert lse.shape == (1, h, t)
+  np.testing.assert_allclose(np.asarray(lse), want, rtol=0, atol=5e-2)
+  _check_close(o, oracle(q, k, v, left=left, right=right, scale=0.125), "o")
+
+
+
+def test_interpret_never_touches_tiles_outside_range():
+  # T = 256, causal window of 11: query tile 0 has one key tile and its second
+  # (skipped) pipeline step loads key tile 1; query tile 3 reads tiles 2, 3.
+  # NaN keys/values in tile 1 would reach rows 0..63 and 192..255 through any
+  # masked or skipped step that still did math (0 * NaN = NaN); they must
+  # stay finite and exact.
+  t, left = 256, 10
+  q, k, v, _ = _inputs(t, 2, 1, 64, jnp.bfloat16, seed=2)
+  poison = lambda x: x.at[:, 64:128].set(jnp.nan)
+  o = swa_gpu.sliding_window_attention(q, poison(k), poison(v), left=left,
+                                       right=0, scale=0.125, interpret=True)
+  want = oracle(q, k, v, left=left, right=0, scale=0.125)
+  for rows in (slice(0, 64), slice(192, 256)):
+    _check_close(o[:, rows], want[:, rows], f"o[{rows}]")
+  assert np.isnan(np.asarray(o[:, 64:192], np.float32)).any()
+
+
+def test_interpret_tiny_t():
+  # T = 5 < one block: 59 padded keys masked, 59 padded queries sliced off.
+  q, k, v, _ = _inputs(5, 4, 2, 64, jnp.bfloat16, seed=3)
+  o = swa_gpu.sliding_window_attention(q, k, v, left=4, right=1, scale=0.125,
+                                       interpret=True)
+  assert o.shape == (1, 5, 4, 64)
+  _check_close(o, oracle(q, k, v, left=4, right=1, scale=0.125), "o")
+
+# --------------------------------------------------------------- lowering ---
+
+
+def _export(fn, t, d=128, h=4, hkv=2):
+  sds = jax.ShapeDtypeStruct
+  args = (sds((2, t, h, d), jnp.bfloat16), sds((2, t, hkv, d), jnp.bfloat16),
+          sds((2, t, hkv, d), jnp.bfloat16))
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+
+
+@pytest.mark.parametrize("left", [127, 511, 2047, 4095])
+def test_forward_lowers_for_cuda(left):
+  t = 16384
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=0, scale=128 ** -0.5)
+  exported = _export(fn, t)
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 1
+  (out,) = exported.out_avals
+  assert out.shape == (2, t, 4, 128) and out.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("left", [511, 4095])
+def test_backward_lowers_for_cuda(left):
+  t = 16384
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=0, scale=128 ** -0.5)
+  grad = lambda q, k, v: jax.grad(
+      lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
+          q, k, v)
+  exported = _export(grad, t)
+  # forward (residuals), dq and dk/dv kernels.
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 3
+  dq, dk, dv = exported.out_avals
+  assert dq.shape == (2, t, 4, 128) and dq.dtype == jnp.bfloat16
+  assert dk.shape == dv.shape == (2, t, 2, 128)
+
+
+def test_lowers_mha_t_not_multiple_of_block():
+  # H == Hkv: dk/dv come out of the kernel in bf16 (GQA: float32 per head).
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=100, right=7, scale=0.125)
+  grad = lambda q, k, v: (fn(q, k, v), jax.grad(
+      lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
+          q, k, v))
+  exported = _export(grad, 1000, d=64, h=2, hkv=2)
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) >= 3
+  assert [a.shape for a in exported.out_avals] == [(2, 1000, 2, 64)] * 4
+
+
+# -------------------------------------------------------------- validation ---
+
+
+@pytest.mark.parametrize("case,match", [
+    ("float32", "dtype=float32"), ("head_dim", "D=96"),
+    ("v_dim", "V=32"), ("groups", "H=3"), ("k_shape", "k.shape"),
+    ("mixed", "dtypes differ"), ("left", "left=-1"),
+    ("block", "block_q=128"), ("unknown", "block_foo")])
+def test_rejects_bad_inputs(case, match):
+  t, h, hkv, d, dv, dtype = 128, 4, 2, 64, 64, jnp.bfloat16
+  kw = dict(left=3, right=0, scale=0.125)
+  if case == "float32":
+    dtype = jnp.float32
+  elif case == "head_dim":
+    d = 96
+  elif case == "v_dim":
+    dv = 32
+  elif case == "groups":
+    h = 3
+  elif case == "left":
+    kw["left"] = -1
+  elif case == "block":
+    kw["block_q"] = 128
+  elif case == "unknown":
+    kw["block_foo"] = 64
+  q = jnp.zeros((1, t, h, d), dtype)
+  k = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, d), dtype)
+  v = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, dv),
+                jnp.float16 if case == "mixed" else dtype)
+  with pytest.raises(ValueError, match=match):
+    swa_gpu.sliding_window_attention(q, k, v, **kw)
+
+
+def test_supports():
+  assert swa_gpu.supports(128, 128, jnp.bfloat16)
+  assert swa_gpu.supports(64, 128, jnp.float16)
+  assert not swa_gpu.supports(96, 96, jnp.bfloat16)
+  assert not swa_gpu.supports(128, 128, jnp.float32)
+
+
+# ------------------------------------------------------------- on the GPU ---
+
+
+@gpu_only
+@pytest.mark.parametrize("left", [127, 511])
+def test_gpu_matches_oracle(left):
+  t, h, hkv, d = 2048, 4, 2, 128
+  scale = d ** -0.5
+  q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, b=2)
+  fn = jax.jit(lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=0, scale=scale))
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=scale)
+  o = fn(q, k, v)
+  assert o.shape == (2, t, h, d) and o.dtype == jnp.bfloat16
+  _check_close(o, ref(q, k, v), "o")
+  grads = jax.jit(lambda q, k, v: _grads(fn, q, k, v, w))(q, k, v)
+  for name, g, g_ref in zip(("dq", "dk", "dv"), grads,
+                            _grads(ref, q, k, v, w)):
+    _check_close(g, g_ref, name)
