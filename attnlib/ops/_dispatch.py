@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from attnlib.ops import _checks
 
@@ -83,3 +84,16 @@ def with_kernels(op: str, implementation: str | None, xla: Callable,
                    f"{takes}"
                    + ("" if device_ok else ", on a Hopper GPU or with interpret=True"))
   return available
+
+
+def padded_dim(d: int, supported: tuple[int, ...]) -> int | None:
+  """The smallest head dim in `supported` that is >= d (kernels take inputs
+  zero-padded to it: zero columns change no dot product), or None."""
+  return min((x for x in supported if x >= d), default=None)
+
+
+def pad_last(x: jax.Array, n: int) -> jax.Array:
+  """x zero-padded on its last axis to n (x itself when already n)."""
+  if x.shape[-1] == n:
+    return x
+  return jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, n - x.shape[-1]),))

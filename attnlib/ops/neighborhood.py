@@ -97,6 +97,7 @@ import numpy as np
 from attnlib.ops import _blocked
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
+from kernels_pallas.local_attention import tpu_sparse as local_tpu_sparse
 
 _OP = "al.neighborhood_attention"
 
@@ -332,6 +333,40 @@ def _validate(q: Any, k: Any, v: Any, kernel_size: Any, dilation: Any,
 # ----------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "kernel_size", "dilation", "stride", "is_causal", "scale", "interpret"))
+def _mosaic_tpu_impl(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     kernel_size: tuple[int, ...], dilation: tuple[int, ...],
+                     stride: tuple[int, ...], is_causal: tuple[bool, ...],
+                     scale: float, interpret: bool) -> jax.Array:
+  """kernels_pallas/local_attention/tpu_sparse.py (block-sparse over
+  multi-dimensional tiles, forward and backward); head dims zero-padded."""
+  dims = local_tpu_sparse.SUPPORTED_HEAD_DIMS
+  dp = _dispatch.padded_dim(q.shape[-1], dims)
+  vp = _dispatch.padded_dim(v.shape[-1], dims)
+  pad = _dispatch.pad_last
+  o = local_tpu_sparse.neighborhood_attention(
+      pad(q, dp), pad(k, dp), pad(v, vp), kernel_size=kernel_size,
+      dilation=dilation, stride=stride, is_causal=is_causal, scale=scale,
+      interpret=interpret)
+  return o[..., :v.shape[-1]]
+
+
+def _backends(q: jax.Array, v: jax.Array, implementation: str | None) -> dict:
+  """"xla" and the kernels that fit this call (see `_dispatch.with_kernels`)."""
+  dims = local_tpu_sparse.SUPPORTED_HEAD_DIMS
+  dp = _dispatch.padded_dim(q.shape[-1], dims)
+  vp = _dispatch.padded_dim(v.shape[-1], dims)
+  fits = (dp is not None and vp is not None
+          and local_tpu_sparse.supports(dp, vp, q.dtype))
+  takes = (f"head dims up to {max(dims)} (got D={q.shape[-1]}, "
+           f"V={v.shape[-1]}) and dtypes "
+           f"{[jnp.dtype(x).name for x in local_tpu_sparse.SUPPORTED_DTYPES]}")
+  return _dispatch.with_kernels(
+      _OP, implementation, _xla_impl,
+      {"mosaic_tpu": (_mosaic_tpu_impl, fits, True, takes)})
+
+
 def neighborhood_attention(
     q: jax.Array,
     k: jax.Array,
@@ -377,9 +412,14 @@ def neighborhood_attention(
       sliding window, stride == kernel_size blocked attention).
     is_causal: per-axis causal masking, bool or a sequence of len(S) bools.
     scale: logit scale; None means ``D ** -0.5``.
-    implementation: None or "xla" (the kernels "mosaic_tpu"/"mosaic_gpu" are
-      not implemented yet).
-    interpret: run a Pallas kernel in interpret mode (no kernel yet).
+    implementation: None (mosaic_tpu on TPU when the call fits it, else
+      "xla"), "xla" or "mosaic_tpu" (kernels_pallas/local_attention/
+      tpu_sparse.py: tokens regrouped into multi-dimensional tiles per
+      dilation group, each query tile visiting only the key tiles its
+      windows reach, the mask only on tiles that straddle a window edge;
+      forward and backward; D, V up to 256, zero-padded to 64/128/256).
+      "mosaic_gpu" is not implemented yet (issue 4).
+    interpret: run the Pallas kernel in interpret mode (TPU semantics).
 
   Returns:
     [B, *S, H, V] in q.dtype; logits, softmax and the weighted sum are
@@ -392,10 +432,12 @@ def neighborhood_attention(
       dilation, stride or is_causal not an int/bool or a sequence of len(S)
       of them; kernel_size < 2, dilation < 1, stride < 1 or > kernel_size,
       kernel_size * dilation > the axis length; a bad scale, implementation
-      or interpret.
-    NotImplementedError: implementation="mosaic_tpu" or "mosaic_gpu".
+      or interpret; a named kernel that does not fit the call.
+    NotImplementedError: implementation="mosaic_gpu".
   """
   options = _validate(q, k, v, kernel_size, dilation, stride, is_causal, scale)
-  fn = _dispatch.select(_OP, implementation, {"xla": _xla_impl}, interpret)
+  fn = _dispatch.select(_OP, implementation, _backends(q, v, implementation),
+                        interpret)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  return fn(q, k, v, scale=scale, **options)
+  kwargs = {} if fn is _xla_impl else {"interpret": interpret}
+  return fn(q, k, v, scale=scale, **options, **kwargs)

@@ -29,12 +29,6 @@ def _xla_impl(q: jax.Array, k: jax.Array, v: jax.Array, *, left: int,
       block_q=block_q)
 
 
-def _padded(d: int, supported: tuple[int, ...]) -> int | None:
-  """The smallest supported head dim >= d (zero columns change no dot
-  product), or None."""
-  return min((x for x in supported if x >= d), default=None)
-
-
 def _kernel_impl(module):
   """The op's backend signature over a kernel module's entry point: head dims
   zero-padded to ones the kernels take, windows clamped to T - 1."""
@@ -43,17 +37,13 @@ def _kernel_impl(module):
   def impl(q, k, v, *, left, right, scale, block_q, interpret):
     del block_q  # the xla implementation's; the kernels tile by their own
     t, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
-    dp = _padded(d, module.SUPPORTED_HEAD_DIMS)
-    vp = _padded(dv, module.SUPPORTED_HEAD_DIMS)
-    pad = lambda x, n: jnp.pad(x, ((0, 0),) * 3 + ((0, n - x.shape[-1]),))
-    if dp != d:
-      q, k = pad(q, dp), pad(k, dp)
-    if vp != dv:
-      v = pad(v, vp)
+    dp = _dispatch.padded_dim(d, module.SUPPORTED_HEAD_DIMS)
+    vp = _dispatch.padded_dim(dv, module.SUPPORTED_HEAD_DIMS)
+    pad = _dispatch.pad_last
     o = module.sliding_window_attention(
-        q, k, v, left=min(left, t - 1), right=min(right, t - 1), scale=scale,
-        interpret=interpret)
-    return o[..., :dv] if vp != dv else o
+        pad(q, dp), pad(k, dp), pad(v, vp), left=min(left, t - 1),
+        right=min(right, t - 1), scale=scale, interpret=interpret)
+    return o[..., :dv]
   return impl
 
 
@@ -66,7 +56,7 @@ def _backends(q: jax.Array, v: jax.Array, implementation: str | None,
       ("mosaic_tpu", local_tpu, True),
       ("mosaic_gpu", local_gpu, interpret or _dispatch.is_hopper())):
     dims = module.SUPPORTED_HEAD_DIMS
-    dp, vp = _padded(d, dims), _padded(dv, dims)
+    dp, vp = _dispatch.padded_dim(d, dims), _dispatch.padded_dim(dv, dims)
     fits = dp is not None and vp is not None and module.supports(dp, vp, dtype)
     takes = (f"head dims up to {max(dims)} (got D={d}, V={dv}) and dtypes "
              f"{[jnp.dtype(x).name for x in module.SUPPORTED_DTYPES]} (got "
