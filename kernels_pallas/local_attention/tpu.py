@@ -76,28 +76,17 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+from kernels_pallas.local_attention import _tpu_common as common
+
+SUPPORTED_HEAD_DIMS = common.SUPPORTED_HEAD_DIMS
+SUPPORTED_DTYPES = common.SUPPORTED_DTYPES
+supports = common.supports
+_LANES, _MASK_VALUE = common.LANES, common.MASK_VALUE
+_NN, _NT = common.NN, common.NT
+_dot, _precision = common.dot, common.precision
+_run_masked_or_not, _is_int = common.run_masked_or_not, common.is_int
 DEFAULT_BLOCK = 128
-
-_LANES = 128
-# Finite stand-in for -inf in masked scores (as in JAX's flash attention), so
-# a row with no visible key in a tile never produces inf - inf.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NN = (((1,), (0,)), ((), ()))  # [M, N] x [N, P] -> [M, P]
-_NT = (((1,), (1,)), ((), ()))  # [M, N] x [P, N] -> [M, P]
-
 _FN = "sliding_window_attention"
-
-
-def supports(d: int, dv: int, dtype) -> bool:
-  """Whether these kernels take q/k head dim d, v head dim dv and dtype."""
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    return False
-  return (d in SUPPORTED_HEAD_DIMS and dv in SUPPORTED_HEAD_DIMS
-          and any(dt == jnp.dtype(x) for x in SUPPORTED_DTYPES))
 
 
 # ---------------------------------------------------------------------------
@@ -166,23 +155,6 @@ def _step_block(i, s, start_ref, count_ref):
   return start_ref[i] + jnp.minimum(s, count_ref[i] - 1)
 
 
-def _dot(a, b, dims, precision):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                         precision=precision)
-
-
-def _run_masked_or_not(body, active, interior):
-  """On an active step runs body(masked): no mask work on interior tiles."""
-
-  @pl.when(jnp.logical_and(active, interior))
-  def _interior():
-    body(False)
-
-  @pl.when(jnp.logical_and(active, jnp.logical_not(interior)))
-  def _edge():
-    body(True)
-
-
 # ---------------------------------------------------------------------------
 # Forward.
 # ---------------------------------------------------------------------------
@@ -235,11 +207,6 @@ def _fwd_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, o_ref, *refs, t,
     o_ref[...] = (acc_sc[...] / l[:, :1]).astype(o_ref.dtype)
     if lse_ref is not None:
       lse_ref[...] = m_sc[...] + jnp.log(l)
-
-
-def _precision(dtype):
-  return (lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32
-          else lax.Precision.DEFAULT)
 
 
 def _fwd_call(q, k, v, *, t, left, right, scale, block_q, block_k,
@@ -502,11 +469,6 @@ def _bwd_call(q, k, v, o, lse, d_o, *, t, left, right, scale, block_q,
 
 def _raise(name, got, want):
   raise ValueError(f"{_FN}: {name} is {got!r}; expected {want}.")
-
-
-def _is_int(x):
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool,
-                                                                 np.bool_))
 
 
 def _check_args(q, k, v, left, right, scale, block_sizes):

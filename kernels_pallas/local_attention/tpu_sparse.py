@@ -70,48 +70,27 @@ import functools
 import math
 
 import jax
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.local_attention import _tpu_common as common
 from kernels_pallas.local_attention import plan as plan_lib
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-
-_LANES = 128
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_NN = (((1,), (0,)), ((), ()))  # [M, N] x [N, P] -> [M, P]
-_NT = (((1,), (1,)), ((), ()))  # [M, N] x [P, N] -> [M, P]
-
+SUPPORTED_HEAD_DIMS = common.SUPPORTED_HEAD_DIMS
+SUPPORTED_DTYPES = common.SUPPORTED_DTYPES
+supports = common.supports
+_LANES, _MASK_VALUE = common.LANES, common.MASK_VALUE
+_NN, _NT = common.NN, common.NT
+_dot, _precision = common.dot, common.precision
+_run_masked_or_not, _is_int = common.run_masked_or_not, common.is_int
 _FN = "neighborhood_attention"
-
-
-def supports(d: int, dv: int, dtype) -> bool:
-  """Whether these kernels take q/k head dim d, v head dim dv and dtype."""
-  try:
-    dt = jnp.dtype(dtype)
-  except TypeError:
-    return False
-  return (d in SUPPORTED_HEAD_DIMS and dv in SUPPORTED_HEAD_DIMS
-          and any(dt == jnp.dtype(x) for x in SUPPORTED_DTYPES))
 
 
 # ---------------------------------------------------------------------------
 # Shared pieces.
 # ---------------------------------------------------------------------------
-
-
-def _dot(a, b, dims, precision):
-  return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                         precision=precision)
-
-
-def _precision(dtype):
-  return (lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32
-          else lax.Precision.DEFAULT)
 
 
 def _entry(row, step, count_ref, width):
@@ -146,18 +125,6 @@ def _box_mask_t(coord_col_ref, box_row_ref, axes):
     ok = (c >= lo) & (c <= hi)
     out = ok if out is None else out & ok
   return out
-
-
-def _run_masked_or_not(body, active, interior):
-  """On an active step runs body(masked): no mask work on interior pairs."""
-
-  @pl.when(jnp.logical_and(active, interior))
-  def _interior():
-    body(False)
-
-  @pl.when(jnp.logical_and(active, jnp.logical_not(interior)))
-  def _edge():
-    body(True)
 
 
 def _plan_arrays(plan):
@@ -480,11 +447,6 @@ def _bwd_call(q, k, v, o, lse, d_o, *, plan, scale, interpret):
 
 def _raise(name, got, want):
   raise ValueError(f"{_FN}: {name} is {got!r}; expected {want}.")
-
-
-def _is_int(x):
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool,
-                                                                 np.bool_))
 
 
 def _per_axis(name, x, rank, is_item):
