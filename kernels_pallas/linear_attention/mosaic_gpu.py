@@ -40,8 +40,15 @@ dGamma_t = q_t . dq_t - k_t . dk_t (see attnlib's adapter); the dq and dk
 sweeps also return these row dot products, taken from the float32 results
 before rounding (`dot_with`).
 
-Kernel structure. The grid is (Dv // v_block, H, B): one CTA (a single
-warpgroup) per (b, h, slice of Z's columns). Columns of Z are independent, so
+The forward pass on the sequence-major layout (the public op's) runs by
+default in `mosaic_gpu_fwd.forward_sweep` instead: the same math with the
+intra-chunk and inter-chunk terms on two warpgroups and the loads on a third
+(10-20% faster on the H200, BENCHMARKS.md section 3). `_sweep` below serves
+the backward sweeps, the head-major layout and configurations whose SMEM does
+not fit the warp-specialized kernel (chunk=128).
+
+Kernel structure of `_sweep`. The grid is (Dv // v_block, H, B): one CTA (a
+single warpgroup) per (b, h, slice of Z's columns). Columns of Z are independent, so
 a CTA keeps only its [Dq, v_block] slice of the float32 state in registers (a
 wgmma accumulator) while it walks the chunks in order. A
 `plgpu.emit_pipeline` (max_concurrent_steps buffers) multi-buffers the TMA
@@ -79,6 +86,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
+from kernels_pallas.linear_attention import mosaic_gpu_fwd
 
 SUPPORTED_HEAD_DIMS = _SUPPORTED_DIMS = (64, 128)
 SUPPORTED_DTYPES = _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -434,7 +442,8 @@ def _sweep(x, y, z, gates, state, dot_with, *, heads, kv_inputs, reverse,
 
 def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
                          chunk=64, v_block=64, max_concurrent_steps=2,
-                         seq_major=False, interpret=False):
+                         seq_major=False, warp_specialized=None,
+                         interpret=False):
   """Forward blocked linear attention on Hopper (Mosaic GPU).
 
   Args:
@@ -454,6 +463,10 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
       v [B, T, Hkv, V], log_gates [B, T, H], o [B, T, H, V] (the public
       op's layout, so no transposes around the kernel). Each CTA's TMA tiles
       are then [C, K] boxes of strided rows; states stay [B, H, K, V].
+    warp_specialized: run `mosaic_gpu_fwd.forward_sweep` (intra-chunk and
+      inter-chunk terms on separate warpgroups) instead of the one-warpgroup
+      `_sweep`. None: whenever seq_major and its SMEM fits. It needs
+      seq_major.
     interpret: False, True (default `plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: run under Mosaic GPU interpret mode on CPU.
 
@@ -468,6 +481,20 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
   """
   b, h, hkv, t, dk, dv = _check_inputs(q, k, v, log_gates, initial_state,
                                        chunk, v_block, seq_major)
+  if warp_specialized is None:
+    warp_specialized = seq_major and mosaic_gpu_fwd.smem_bytes(
+        chunk, dk, v_block, max(1, min(max_concurrent_steps, t // chunk)),
+        jnp.dtype(q.dtype).itemsize,
+        0 if log_gates is None else chunk) + 4096 <= _SMEM_LIMIT
+  if warp_specialized:
+    if not seq_major:
+      raise ValueError("warp_specialized=True needs seq_major=True")
+    g_cum = (None if log_gates is None
+             else mosaic_gpu_fwd.chunk_cumsum(log_gates, chunk))
+    return mosaic_gpu_fwd.forward_sweep(
+        q, k, v, g_cum, initial_state, heads=h, out_scale=float(scale),
+        chunk=chunk, v_block=v_block,
+        max_concurrent_steps=max_concurrent_steps, interpret=interpret)
   gates = (None if log_gates is None
            else _gate_inputs(log_gates, chunk, dk, seq_major))
   o, s_final, _ = _sweep(
@@ -548,7 +575,7 @@ def linear_attention_bwd(q, k, v, log_gates, initial_state, d_o,
 
 
 _JIT_STATIC = ("scale", "chunk", "v_block", "max_concurrent_steps",
-               "seq_major")
+               "seq_major", "warp_specialized")
 
 
 @functools.partial(jax.jit, static_argnames=_JIT_STATIC)

@@ -186,15 +186,29 @@ def test_rejects_head_major_shapes_when_seq_major():
                                 seq_major=True)
 
 
-@pytest.mark.parametrize("h,hkv,dk,dv,dtype,gates,s0", _INTERPRET_CASES)
-def test_interpret_seq_major_matches_xla(h, hkv, dk, dv, dtype, gates, s0):
+def _ws_cases():
+  """_INTERPRET_CASES x (one-warpgroup sweep, warp-specialized forward)."""
+  for case in _INTERPRET_CASES:
+    yield pytest.param(*case, False, id=f"{case[:4]}-sweep")
+    h, hkv, dk = case[:3]
+    # Mosaic GPU's interpreter (jax 0.11.2) deadlocks in barrier waits on the
+    # warp-specialized kernel with GQA and K = 128 (two CTAs reading one kv
+    # head's [C, 128] tiles); on the H100/H200 the same case is right
+    # (test_gpu_warp_specialized_matches_sweep covers GQA with K = 128).
+    marks = (pytest.mark.skip(reason="interpreter deadlock, see _ws_cases")
+             if hkv < h and dk == 128 else ())
+    yield pytest.param(*case, True, id=f"{case[:4]}-ws", marks=marks)
+
+
+@pytest.mark.parametrize("h,hkv,dk,dv,dtype,gates,s0,ws", _ws_cases())
+def test_interpret_seq_major_matches_xla(h, hkv, dk, dv, dtype, gates, s0, ws):
   chunk = 64
-  q, k, v, g, st = _inputs(2, h, hkv, 2 * chunk, dk, dv, dtype, gates, s0,
+  q, k, v, g, st = _inputs(2, h, hkv, 3 * chunk, dk, dv, dtype, gates, s0,
                            seed=1)
   scale = dk ** -0.5
   o, sf = la_gpu.linear_attention_fwd(*_seq(q, k, v, g), st, scale=scale,
                                       chunk=chunk, seq_major=True,
-                                      interpret=True)
+                                      warp_specialized=ws, interpret=True)
   o_ref, sf_ref = _reference(q, k, v, g, st, scale)
   (o_ref,) = _seq(o_ref)
   assert o.shape == o_ref.shape and o.dtype == q.dtype
@@ -276,6 +290,48 @@ def test_gpu_seq_major_variants(chunk, v_block):
   o_ref, sf_ref = _reference(q, k, v, g, st, 0.1)
   assert _rel_err(o, _seq(o_ref)[0]) < 2e-2
   assert _rel_err(sf, sf_ref) < 2e-2
+
+
+@gpu_only
+@pytest.mark.parametrize("d", [128, 64])
+@pytest.mark.parametrize("h,hkv,gates,s0", _GPU_CASES)
+def test_gpu_warp_specialized_matches_sweep(h, hkv, gates, s0, d):
+  """The warp-specialized forward against the one-warpgroup sweep and xla, at a
+  length with more chunks than pipeline slots and hand-off buffers."""
+  b, t = 2, 2048 + 64
+  q, k, v, g, st = _seq(*_inputs(b, h, hkv, t, d, d, jnp.bfloat16, gates, s0,
+                                 seed=3))
+  st = None if st is None else jnp.swapaxes(st, 1, 2)   # _seq swapped it too
+  run = lambda ws: la_gpu.linear_attention_fwd_jit(
+      q, k, v, g, st, scale=0.1, seq_major=True, warp_specialized=ws)
+  (o_ws, s_ws), (o_sw, s_sw) = run(True), run(False)
+  tr = lambda x: None if x is None else jnp.swapaxes(x, 1, 2)
+  o_ref, s_ref = _reference(tr(q), tr(k), tr(v), tr(g), st, 0.1)
+  assert _rel_err(o_ws, tr(o_ref)) < 2e-2 and _rel_err(s_ws, s_ref) < 2e-2
+  assert _rel_err(o_ws, o_sw) < 1e-2 and _rel_err(s_ws, s_sw) < 1e-3
+
+
+def test_warp_specialized_is_the_seq_major_default():
+  """seq_major forwards whose SMEM fits lower to the three-warpgroup kernel;
+  head-major ones, and chunk=128 (too much SMEM), to the one-warpgroup sweep."""
+  sds = jax.ShapeDtypeStruct
+
+  def threads(seq_major, chunk, d, t=1024):
+    shp = (lambda *s: s) if seq_major else (lambda b, t, h, d: (b, h, t, d))
+    args = (sds(shp(1, t, 2, d), jnp.bfloat16),) * 3 + (
+        sds((1, t, 2) if seq_major else (1, 2, t), jnp.float32), None)
+    fn = lambda q, k, v, g, s: la_gpu.linear_attention_fwd(
+        q, k, v, g, s, scale=0.1, chunk=chunk, seq_major=seq_major)
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return "num_threads=3" in jaxpr
+
+  assert threads(True, 64, 128) and threads(True, 64, 64)
+  assert not threads(False, 64, 128)
+  assert not threads(True, 128, 64)
+  with pytest.raises(ValueError, match="seq_major"):
+    la_gpu.linear_attention_fwd(
+        *(jnp.zeros((1, 2, 128, 64), jnp.bfloat16),) * 3, None, None,
+        scale=0.1, warp_specialized=True)
 
 
 # ------------------------------------------------- the public op's adapter ---
