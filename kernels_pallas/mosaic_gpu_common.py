@@ -12,6 +12,8 @@ import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
+SMEM_LIMIT = 227 * 1024   # per-block opt-in SMEM on H100/H200, in bytes
+
 
 def interpret_params(interpret):
   """`plgpu.kernel`'s interpret= from a kernel's argument: False -> None

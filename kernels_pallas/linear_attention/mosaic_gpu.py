@@ -90,7 +90,6 @@ from kernels_pallas.linear_attention import mosaic_gpu_fwd
 
 SUPPORTED_HEAD_DIMS = _SUPPORTED_DIMS = (64, 128)
 SUPPORTED_DTYPES = _SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-_SMEM_LIMIT = 227 * 1024   # per-block opt-in SMEM on H100/H200
 # linear_attention_fwd/bwd take seq_major=True (q/k/v/o as [B, T, heads, *]);
 # attnlib's adapter then skips its transposes.
 SEQ_MAJOR = True
@@ -217,10 +216,10 @@ def _sweep(x, y, z, gates, state, dot_with, *, heads, kv_inputs, reverse,
       + (dq * v_block + (chunk * w_cols if needs_w else 0)) * itemsize
       + 2 * chunk * v_block * out_itemsize + 2 * chunk * 4 * has_dot
       + (chunk * chunk * itemsize if interpret is not None else 0))
-  if smem_bytes + 4096 > _SMEM_LIMIT:   # + barriers and alignment
+  if smem_bytes + 4096 > common.SMEM_LIMIT:   # + barriers and alignment
     raise ValueError(
         f"chunk={chunk}, Dq={dq}, v_block={v_block}, max_concurrent_steps="
-        f"{steps} needs ~{smem_bytes} bytes of SMEM > {_SMEM_LIMIT}")
+        f"{steps} needs ~{smem_bytes} bytes of SMEM > {common.SMEM_LIMIT}")
 
   # The wgmma SMEM format of 16-bit tiles: (8, n) tiles, rows swizzled over
   # 2 n bytes. wgmma wants one swizzle for both operands: 128 bytes, or 64
@@ -482,10 +481,9 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
   b, h, hkv, t, dk, dv = _check_inputs(q, k, v, log_gates, initial_state,
                                        chunk, v_block, seq_major)
   if warp_specialized is None:
-    warp_specialized = seq_major and mosaic_gpu_fwd.smem_bytes(
-        chunk, dk, v_block, max(1, min(max_concurrent_steps, t // chunk)),
-        jnp.dtype(q.dtype).itemsize,
-        0 if log_gates is None else chunk) + 4096 <= _SMEM_LIMIT
+    warp_specialized = seq_major and mosaic_gpu_fwd.fits(
+        chunk, dk, v_block, max_concurrent_steps, t // chunk, q.dtype,
+        log_gates is not None)
   if warp_specialized:
     if not seq_major:
       raise ValueError("warp_specialized=True needs seq_major=True")

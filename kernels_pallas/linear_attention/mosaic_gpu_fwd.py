@@ -42,18 +42,29 @@ import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
 
-_SMEM_LIMIT = 227 * 1024
+def _steps(max_concurrent_steps: int, n_chunks: int) -> int:
+  return max(1, min(max_concurrent_steps, n_chunks))
 
 
-def smem_bytes(chunk: int, dq: int, v_block: int, steps: int, itemsize: int,
-               gate_len: int) -> int:
+def _smem_bytes(chunk, dq, v_block, steps, dtype, has_gates) -> int:
   """SMEM the kernel allocates (without barriers)."""
+  itemsize = jnp.dtype(dtype).itemsize
   w_cols = v_block if v_block < dq else dq
+  gate_len = chunk if has_gates else 0
   return (steps * ((2 * chunk * dq + chunk * v_block) * itemsize + gate_len * 4)
           + 2 * chunk * w_cols * itemsize       # W hand-off
           + 2 * chunk * v_block * 4             # O_intra hand-off (float32)
           + dq * v_block * itemsize             # E, 16-bit, for X E
           + 2 * chunk * v_block * itemsize)     # out tiles
+
+
+def fits(chunk: int, dq: int, v_block: int, max_concurrent_steps: int,
+         n_chunks: int, dtype, has_gates: bool) -> bool:
+  """Whether `forward_sweep`'s SMEM (with ~4 KiB for barriers and alignment)
+  fits one block's 227 KiB."""
+  steps = _steps(max_concurrent_steps, n_chunks)
+  return (_smem_bytes(chunk, dq, v_block, steps, dtype, has_gates) + 4096
+          <= common.SMEM_LIMIT)
 
 
 def chunk_cumsum(log_gates, chunk):
@@ -76,7 +87,7 @@ def forward_sweep(x, y, z, gates, state, *, heads, out_scale, chunk, v_block,
     heads: H (a multiple of Hkv).
     out_scale: Python float.
     chunk, v_block, max_concurrent_steps: as in `mosaic_gpu._sweep`; T % chunk
-      == 0 and the SMEM of `smem_bytes` must fit 227 KiB.
+      == 0 and `fits(...)` must hold.
     interpret: as in `mosaic_gpu._sweep`.
 
   Returns:
@@ -87,16 +98,15 @@ def forward_sweep(x, y, z, gates, state, *, heads, out_scale, chunk, v_block,
   dtype = x.dtype
   group = heads // hkv
   n_chunks = t // chunk
-  steps = max(1, min(max_concurrent_steps, n_chunks))
+  steps = _steps(max_concurrent_steps, n_chunks)
   has_gates, has_state = gates is not None, state is not None
   gate_len = chunk if has_gates else 0
   interpret = common.interpret_params(interpret)
-  itemsize = jnp.dtype(dtype).itemsize
-  need = smem_bytes(chunk, dq, v_block, steps, itemsize, gate_len)
-  if need + 4096 > _SMEM_LIMIT:
+  if not fits(chunk, dq, v_block, steps, n_chunks, dtype, has_gates):
+    need = _smem_bytes(chunk, dq, v_block, steps, dtype, has_gates)
     raise ValueError(f"chunk={chunk}, Dq={dq}, v_block={v_block}, "
                      f"max_concurrent_steps={steps} needs ~{need} bytes of SMEM"
-                     f" > {_SMEM_LIMIT}")
+                     f" > {common.SMEM_LIMIT}")
   scale_z = v_block < dq          # (Y * w)^T Z == Y^T (w * Z): scale the narrower
   w_cols = v_block if scale_z else dq
   swz = lambda cols: (plgpu.TilingTransform((8, min(128, 2 * cols) // 2)),
