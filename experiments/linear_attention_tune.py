@@ -59,7 +59,7 @@ def main(argv):
         implementation="xla"))(q, k, v, g)
     if g is not None:
       pack = jax.jit(lambda g: wsf.chunk_cumsum(g, 64))
-      ms = bench._time(pack, g) * 1e3
+      ms = bench._time(pack, (g,)) * 1e3
       print(f"{t:>7} {'gate packing':>16} {ms:>8.3f}")
     for cfg in _CONFIG.value:
       name, chunk, vb, steps = cfg.split(":")
@@ -78,7 +78,7 @@ def main(argv):
       try:
         o, s = fn(q, k, v, g)
         err_o, err_s = _rel(o, o_ref), _rel(s, s_ref)
-        ms = bench._time(fn, q, k, v, g) * 1e3
+        ms = bench._time(fn, (q, k, v, g)) * 1e3
       except Exception as e:  # pylint: disable=broad-except
         print(f"{t:>7} {cfg:>16} failed: {type(e).__name__}: {str(e)[:200]}")
         continue

@@ -42,10 +42,11 @@ before rounding (`dot_with`).
 
 The forward pass on the sequence-major layout (the public op's) runs by
 default in `mosaic_gpu_fwd.forward_sweep` instead: the same math with the
-intra-chunk and inter-chunk terms on two warpgroups and the loads on a third
-(10-20% faster on the H200, BENCHMARKS.md section 3). `_sweep` below serves
-the backward sweeps, the head-major layout and configurations whose SMEM does
-not fit the warp-specialized kernel (chunk=128).
+state chain on one warpgroup, the output of even and odd chunks on two more
+and the loads on a fourth (1.1-1.2x on the H200, BENCHMARKS.md section 3c).
+`_sweep` below serves the backward sweeps, the head-major layout and
+configurations the warp-specialized kernel does not take (chunk=128, an odd
+max_concurrent_steps).
 
 Kernel structure of `_sweep`. The grid is (Dv // v_block, H, B): one CTA (a
 single warpgroup) per (b, h, slice of Z's columns). Columns of Z are independent, so
@@ -440,7 +441,7 @@ def _sweep(x, y, z, gates, state, dot_with, *, heads, kv_inputs, reverse,
 
 
 def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
-                         chunk=64, v_block=64, max_concurrent_steps=2,
+                         chunk=64, v_block=64, max_concurrent_steps=None,
                          seq_major=False, warp_specialized=None,
                          interpret=False):
   """Forward blocked linear attention on Hopper (Mosaic GPU).
@@ -456,15 +457,17 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
     v_block: columns of V per CTA (32, 64 or 128, dividing V). 64 splits
       V=128 over two CTAs, which doubles the CTAs and halves the state
       registers.
-    max_concurrent_steps: TMA pipeline depth (buffers per input).
+    max_concurrent_steps: TMA pipeline depth (buffers per input). None: 4
+      for the warp-specialized kernel with gates where they fit, else 2 (the faster of 2 and
+      4 on the H200, BENCHMARKS.md section 3c).
     seq_major: if True, q, k, v, log_gates and o use the sequence-major
       layout [B, T, heads, *] instead: q [B, T, H, K], k [B, T, Hkv, K],
       v [B, T, Hkv, V], log_gates [B, T, H], o [B, T, H, V] (the public
       op's layout, so no transposes around the kernel). Each CTA's TMA tiles
       are then [C, K] boxes of strided rows; states stay [B, H, K, V].
-    warp_specialized: run `mosaic_gpu_fwd.forward_sweep` (intra-chunk and
-      inter-chunk terms on separate warpgroups) instead of the one-warpgroup
-      `_sweep`. None: whenever seq_major and its SMEM fits. It needs
+    warp_specialized: run `mosaic_gpu_fwd.forward_sweep` (the state chain
+      and the outputs on separate warpgroups) instead of the one-warpgroup
+      `_sweep`. None: whenever seq_major and `mosaic_gpu_fwd.fits`. It needs
       seq_major.
     interpret: False, True (default `plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: run under Mosaic GPU interpret mode on CPU.
@@ -480,10 +483,14 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
   """
   b, h, hkv, t, dk, dv = _check_inputs(q, k, v, log_gates, initial_state,
                                        chunk, v_block, seq_major)
+  has_gates = log_gates is not None
+  ws_fits = lambda steps: seq_major and mosaic_gpu_fwd.fits(
+      chunk, dk, v_block, steps, t // chunk, q.dtype, has_gates)
+  if max_concurrent_steps is None:
+    max_concurrent_steps = (4 if has_gates and warp_specialized is not False
+                            and ws_fits(4) else 2)
   if warp_specialized is None:
-    warp_specialized = seq_major and mosaic_gpu_fwd.fits(
-        chunk, dk, v_block, max_concurrent_steps, t // chunk, q.dtype,
-        log_gates is not None)
+    warp_specialized = ws_fits(max_concurrent_steps)
   if warp_specialized:
     if not seq_major:
       raise ValueError("warp_specialized=True needs seq_major=True")

@@ -9,7 +9,10 @@ References: attnlib.linear_attention(..., implementation="xla") and its VJP;
 float64 NumPy for the gate packing.
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +155,34 @@ def test_rejects_bad_inputs(case, match):
 
 # ------------------------------------------------------- interpret numerics ---
 
+_IN_CHILD = os.environ.get("ATTNLIB_INTERPRET_CHILD") == "1"
+
+
+def _in_child_process(request) -> bool:
+  """Runs this test in a child pytest with a timeout; True when it passed.
+
+  Mosaic GPU's interpreter (jax 0.11.2) now and then hangs in a barrier wait
+  on the four-warpgroup forward (about one run in five of these tests here;
+  the same cases never hung on the H200). A hang must not stall CI, and a
+  wrong result must still fail: the child's assertion failure fails this
+  test; two hangs in a row skip it, saying so.
+  """
+  if _IN_CHILD:
+    return False
+  for _ in range(2):
+    try:
+      run = subprocess.run(
+          [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           request.node.nodeid], cwd=request.config.rootpath,
+          env={**os.environ, "ATTNLIB_INTERPRET_CHILD": "1"},
+          capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+      continue
+    assert run.returncode == 0, run.stdout[-4000:]
+    return True
+  pytest.skip("Mosaic GPU's interpreter hung twice on this case")
+
+
 _INTERPRET_CASES = [
     # (h, hkv, dk, dv, dtype, gates, s0)
     (2, 2, 64, 64, jnp.bfloat16, True, False),
@@ -188,20 +219,16 @@ def test_rejects_head_major_shapes_when_seq_major():
 
 def _ws_cases():
   """_INTERPRET_CASES x (one-warpgroup sweep, warp-specialized forward)."""
-  for case in _INTERPRET_CASES:
-    yield pytest.param(*case, False, id=f"{case[:4]}-sweep")
-    h, hkv, dk = case[:3]
-    # Mosaic GPU's interpreter (jax 0.11.2) deadlocks in barrier waits on the
-    # warp-specialized kernel with GQA and K = 128 (two CTAs reading one kv
-    # head's [C, 128] tiles); on the H100/H200 the same case is right
-    # (test_gpu_warp_specialized_matches_sweep covers GQA with K = 128).
-    marks = (pytest.mark.skip(reason="interpreter deadlock, see _ws_cases")
-             if hkv < h and dk == 128 else ())
-    yield pytest.param(*case, True, id=f"{case[:4]}-ws", marks=marks)
+  return [pytest.param(*case, ws, id=f"{case[:4]}-{name}")
+          for case in _INTERPRET_CASES
+          for ws, name in ((False, "sweep"), (True, "ws"))]
 
 
 @pytest.mark.parametrize("h,hkv,dk,dv,dtype,gates,s0,ws", _ws_cases())
-def test_interpret_seq_major_matches_xla(h, hkv, dk, dv, dtype, gates, s0, ws):
+def test_interpret_seq_major_matches_xla(h, hkv, dk, dv, dtype, gates, s0, ws,
+                                        request):
+  if ws and _in_child_process(request):
+    return
   chunk = 64
   q, k, v, g, st = _inputs(2, h, hkv, 3 * chunk, dk, dv, dtype, gates, s0,
                            seed=1)
@@ -309,26 +336,56 @@ def test_gpu_warp_specialized_matches_sweep(h, hkv, gates, s0, d):
 
 
 def test_warp_specialized_is_the_seq_major_default():
-  """seq_major forwards whose SMEM fits lower to the three-warpgroup kernel;
-  head-major ones, and chunk=128 (too much SMEM), to the one-warpgroup sweep."""
+  """seq_major forwards whose SMEM fits lower to the four-warpgroup kernel;
+  head-major ones, chunk=128 (too many registers) and odd slot counts, to
+  the one-warpgroup sweep."""
   sds = jax.ShapeDtypeStruct
 
-  def threads(seq_major, chunk, d, t=1024):
+  def threads(seq_major, chunk, d, t=1024, steps=2, v_block=64):
     shp = (lambda *s: s) if seq_major else (lambda b, t, h, d: (b, h, t, d))
     args = (sds(shp(1, t, 2, d), jnp.bfloat16),) * 3 + (
         sds((1, t, 2) if seq_major else (1, 2, t), jnp.float32), None)
     fn = lambda q, k, v, g, s: la_gpu.linear_attention_fwd(
-        q, k, v, g, s, scale=0.1, chunk=chunk, seq_major=seq_major)
+        q, k, v, g, s, scale=0.1, chunk=chunk, seq_major=seq_major,
+        max_concurrent_steps=steps, v_block=v_block)
     jaxpr = str(jax.make_jaxpr(fn)(*args))
-    return "num_threads=3" in jaxpr
+    return "num_threads=4" in jaxpr
 
   assert threads(True, 64, 128) and threads(True, 64, 64)
   assert not threads(False, 64, 128)
   assert not threads(True, 128, 64)
+  assert not threads(True, 64, 128, steps=3)   # odd slot counts: the sweep
+  # The default depth (4 with gates) falls back to 2 where 4 does not fit.
+  assert threads(True, 64, 128, steps=None, v_block=128)
   with pytest.raises(ValueError, match="seq_major"):
     la_gpu.linear_attention_fwd(
         *(jnp.zeros((1, 2, 128, 64), jnp.bfloat16),) * 3, None, None,
         scale=0.1, warp_specialized=True)
+
+
+@pytest.mark.parametrize("h,hkv,gates,s0", [(2, 2, True, True),
+                                            (2, 1, False, True)])
+def test_interpret_warp_specialized_four_slots(h, hkv, gates, s0, request):
+  """Five chunks through four pipeline slots: every slot but one is reused,
+  by the same output warpgroup each time."""
+  if _in_child_process(request):
+    return
+  chunk = 64
+  q, k, v, g, st = _inputs(1, h, hkv, 5 * chunk, 64, 64, jnp.bfloat16, gates,
+                           s0, seed=2)
+  o, sf = la_gpu.linear_attention_fwd(
+      *_seq(q, k, v, g), st, scale=0.125, chunk=chunk, seq_major=True,
+      warp_specialized=True, max_concurrent_steps=4, interpret=True)
+  o_ref, sf_ref = _reference(q, k, v, g, st, 0.125)
+  assert _rel_err(o, _seq(o_ref)[0]) < 2e-2
+  assert _rel_err(sf, sf_ref) < 2e-2
+
+
+def test_warp_specialized_rejects_odd_slot_counts():
+  q = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="even number of slots"):
+    la_gpu.linear_attention_fwd(q, q, q, None, None, scale=0.1, seq_major=True,
+                                warp_specialized=True, max_concurrent_steps=3)
 
 
 # ------------------------------------------------- the public op's adapter ---
