@@ -458,8 +458,8 @@ def linear_attention_fwd(q, k, v, log_gates, initial_state, *, scale,
       V=128 over two CTAs, which doubles the CTAs and halves the state
       registers.
     max_concurrent_steps: TMA pipeline depth (buffers per input). None: 4
-      for the warp-specialized kernel with gates where they fit, else 2 (the faster of 2 and
-      4 on the H200, BENCHMARKS.md section 3c).
+      for the warp-specialized kernel with gates where they fit, else 2
+      (the faster of 2 and 4 on the H200, BENCHMARKS.md section 3c).
     seq_major: if True, q, k, v, log_gates and o use the sequence-major
       layout [B, T, heads, *] instead: q [B, T, H, K], k [B, T, Hkv, K],
       v [B, T, Hkv, V], log_gates [B, T, H], o [B, T, H, V] (the public

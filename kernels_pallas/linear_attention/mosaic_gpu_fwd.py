@@ -50,6 +50,11 @@ _STATE, _OUTPUT, _MEMORY = 0, (1, 2), 3     # warpgroup indices
 _COMPUTE_REGS, _MEMORY_REGS = 160, 24       # 3 * 160 + 24 <= 65536 / 128
 
 
+def _swizzle(cols: int) -> int:
+  """Swizzle bytes of a 16-bit SMEM tile `cols` wide (wgmma's format)."""
+  return min(128, 2 * cols)
+
+
 def _steps(max_concurrent_steps: int, n_chunks: int) -> int:
   return max(1, min(max_concurrent_steps, n_chunks))
 
@@ -69,10 +74,13 @@ def fits(chunk: int, dq: int, v_block: int, max_concurrent_steps: int,
          n_chunks: int, dtype, has_gates: bool) -> bool:
   """Whether `forward_sweep` takes this configuration: chunk <= 64 (an
   output warpgroup holds [C, C] float32 score and decay tiles, 2 C^2 / 128
-  registers per thread), an even slot count (or one slot per chunk) and SMEM
-  (with ~4 KiB for barriers and alignment) within one block's 227 KiB."""
+  registers per thread), one swizzle for Dq- and v_block-wide tiles (X E and
+  Y^T W pair them in one wgmma; v_block=32 with Dq=128 does not), an even slot
+  count (or one slot per chunk) and SMEM (with ~4 KiB for barriers and
+  alignment) within one block's 227 KiB."""
   steps = _steps(max_concurrent_steps, n_chunks)
-  return (chunk <= 64 and (steps == n_chunks or steps % 2 == 0)
+  return (chunk <= 64 and _swizzle(dq) == _swizzle(v_block)
+          and (steps == n_chunks or steps % 2 == 0)
           and _smem_bytes(chunk, dq, v_block, steps, dtype, has_gates) + 4096
           <= common.SMEM_LIMIT)
 
@@ -116,12 +124,12 @@ def forward_sweep(x, y, z, gates, state, *, heads, out_scale, chunk, v_block,
     need = _smem_bytes(chunk, dq, v_block, steps, dtype, has_gates)
     raise ValueError(f"chunk={chunk}, Dq={dq}, v_block={v_block}, "
                      f"max_concurrent_steps={max_concurrent_steps}: needs chunk "
-                     f"<= 64, an even number of slots and ~{need} bytes of SMEM <= "
+                     f"<= 64, one swizzle for Dq and v_block, an even number of slots and ~{need} bytes of SMEM <= "
                      f"{common.SMEM_LIMIT}")
   scale_z = v_block < dq          # (Y * w)^T Z == Y^T (w * Z): scale the narrower
   w_cols = v_block if scale_z else dq
-  swz = lambda cols: (plgpu.TilingTransform((8, min(128, 2 * cols) // 2)),
-                      plgpu.SwizzleTransform(min(128, 2 * cols)))
+  swz = lambda cols: (plgpu.TilingTransform((8, _swizzle(cols) // 2)),
+                      plgpu.SwizzleTransform(_swizzle(cols)))
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)

@@ -96,6 +96,20 @@ def test_lowers_chunk128_k64(gates):
   assert re.search(r"custom_call @mosaic_gpu", exported.mlir_module())
 
 
+@pytest.mark.parametrize("v_block", [64, 32])
+def test_seq_major_lowers_for_cuda_at_every_v_block(v_block):
+  """The seq_major default path lowers for each documented v_block with K=128
+  (at 32 the warp-specialized kernel's wgmma operands would disagree in
+  swizzle, so the call must take the sweep)."""
+  sds = jax.ShapeDtypeStruct
+  args = (sds((1, 1024, 2, 128), jnp.bfloat16),) * 3 + (
+      sds((1, 1024, 2), jnp.float32), None)
+  fn = lambda q, k, v, g, s: la_gpu.linear_attention_fwd(
+      q, k, v, g, s, scale=0.1, v_block=v_block, seq_major=True)
+  exported = jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+  assert len(re.findall(r"custom_call @mosaic_gpu", exported.mlir_module())) == 1
+
+
 @pytest.mark.parametrize("gates", [True, False], ids=["gates", "nogates"])
 @pytest.mark.parametrize("t", [1024, 32768])
 def test_lowers_for_cuda_seq_major(t, gates):
@@ -357,6 +371,8 @@ def test_warp_specialized_is_the_seq_major_default():
   assert not threads(True, 64, 128, steps=3)   # odd slot counts: the sweep
   # The default depth (4 with gates) falls back to 2 where 4 does not fit.
   assert threads(True, 64, 128, steps=None, v_block=128)
+  # v_block=32 next to K=128: two swizzles in one wgmma, so the sweep.
+  assert not threads(True, 64, 128, steps=None, v_block=32)
   with pytest.raises(ValueError, match="seq_major"):
     la_gpu.linear_attention_fwd(
         *(jnp.zeros((1, 2, 128, 64), jnp.bfloat16),) * 3, None, None,
