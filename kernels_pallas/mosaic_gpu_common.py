@@ -1,18 +1,38 @@
 """Helpers shared by the Mosaic GPU (Hopper) kernels of every family.
 
-Both exist because of Mosaic GPU's CPU interpreter in jax 0.11.2, which the
-kernels' CI tests run under: it takes interpret parameters rather than a
-flag, and it does not handle `run_state` (accumulators that start from a
-value).
+`interpret_params`, `accumulate` and `a_operand` exist because of Mosaic
+GPU's CPU interpreter in jax 0.11.2, which the kernels' CI tests run under:
+it takes interpret parameters rather than a flag, it does not handle
+`run_state` (accumulators that start from a value), and it wants wgmma A
+operands in SMEM. The rest (layouts, the 128-byte-swizzled tiling, base-2
+softmax constants, fresh wgmma products, the dk/dv stores) is shared by the
+attention kernels of kernels_pallas/local_attention and sigmoid_attention.
 """
 
 from __future__ import annotations
 
+import math
+
+from jax import lax
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 SMEM_LIMIT = 227 * 1024   # per-block opt-in SMEM on H100/H200, in bytes
+
+LOG2E = math.log2(math.e)
+# A masked score in log2 units: finite on purpose, so that a row whose first
+# keys are all masked never computes inf - inf; its junk sums are scaled by
+# exp2(MASK - m) = 0 once a visible key arrives.
+MASK = -1e30
+
+# [rows, 64 * k] 16-bit SMEM tiles as wgmma and TMA want them.
+TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+WGMMA = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)   # one value per row of a WGMMA array
+COLS = plgpu.Layout.WGMMA.reduce(0)   # one value per column
+LANE_PARAMS = plgpu.CompilerParams(
+    approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def interpret_params(interpret):
@@ -42,3 +62,59 @@ def accumulate(mma, inits, interpret):
   outs = pl.run_scoped(
       scoped, *(plgpu.ACC(x.shape, jnp.float32) for x in inits))
   return tuple(x + y for x, y in zip(inits, outs))
+
+
+def products(mma, shapes):
+  """Fresh float32 accumulators of `shapes` filled by `mma(*acc_refs)` (one
+  wgmma group), returned as values."""
+  def scoped(*acc_refs):
+    mma(*acc_refs)
+    return tuple(r[...] for r in acc_refs)
+  return pl.run_scoped(scoped, *(plgpu.ACC(s, jnp.float32) for s in shapes))
+
+
+def bcast(x, shape, dim):
+  """A row (dim=0) or column (dim=1) vector broadcast to `shape`."""
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def a_operand(x16, smem):
+  """wgmma A operand: the registers x16 on the GPU (smem None); in interpret
+  mode written to the SMEM scratch `smem`, which is returned."""
+  if smem is None:
+    return x16
+  smem[...] = x16
+  plgpu.commit_smem()
+  return smem
+
+
+def dkv_staging(group, wgs, rows, d, dv):
+  """SMEM scratch of `store_dkv` for `wgs` warpgroups of [rows, *] tiles:
+  None when H == Hkv (group 1: 16-bit outputs staged in K and V
+  themselves), else float32 buffers, one reused for dk then dv when
+  D == V (two [64, 128] float32 tiles per warpgroup do not fit next to K,
+  V and a pipeline)."""
+  if group == 1:
+    return None
+  return (plgpu.SMEM((wgs, rows, d), jnp.float32),
+          None if d == dv else plgpu.SMEM((wgs, rows, dv), jnp.float32))
+
+
+def store_dkv(dk, dv, dk_dst, dv_dst, *, k_smem, v_smem, staging, wg):
+  """TMA-stores the values dk, dv (in their output dtype) to the GMEM refs
+  dk_dst, dv_dst through SMEM: K, V's own buffers k_smem, v_smem when
+  `staging` (from `dkv_staging`) is None, else warpgroup wg's float32
+  buffers; waits for the stores."""
+  if staging is None:
+    dk_smem, dv_smem = k_smem, v_smem
+  elif staging[1] is None:
+    dk_smem = dv_smem = staging[0].at[wg]
+  else:
+    dk_smem, dv_smem = staging[0].at[wg], staging[1].at[wg]
+  for value, smem, dst in ((dk, dk_smem, dk_dst), (dv, dv_smem, dv_dst)):
+    if dst is dv_dst and dv_smem is dk_smem:
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # dk has left it
+    smem[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, dst)
+  plgpu.wait_smem_to_gmem(0)

@@ -86,6 +86,36 @@ def with_kernels(op: str, implementation: str | None, xla: Callable,
   return available
 
 
+def padded_kernels(op: str, implementation: str | None, xla: Callable,
+                   q: jax.Array, v: jax.Array, interpret: bool,
+                   kernels: Mapping[str, tuple[Callable, object]]
+                   ) -> dict[str, Callable]:
+  """`with_kernels` for kernels that take head dims zero-padded to theirs.
+
+  Args:
+    op, implementation, xla: as in `with_kernels`.
+    q, v: the call's queries and values (head dims q.shape[-1] for q and k,
+      v.shape[-1]; dtype q.dtype).
+    interpret: whether the call asked for interpret mode ("mosaic_gpu" then
+      runs off Hopper too).
+    kernels: name ("mosaic_tpu", "mosaic_gpu") -> (implementation, kernel
+      module); the module has SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES and
+      supports(d, dv, dtype).
+  """
+  d, dv, dtype = q.shape[-1], v.shape[-1], q.dtype
+  entries = {}
+  for name, (impl, module) in kernels.items():
+    dims = module.SUPPORTED_HEAD_DIMS
+    dp, vp = padded_dim(d, dims), padded_dim(dv, dims)
+    fits = dp is not None and vp is not None and module.supports(dp, vp, dtype)
+    device_ok = name != "mosaic_gpu" or interpret or is_hopper()
+    takes = (f"head dims up to {max(dims)} (got D={d}, V={dv}) and dtypes "
+             f"{[jnp.dtype(x).name for x in module.SUPPORTED_DTYPES]} (got "
+             f"{jnp.dtype(dtype).name})")
+    entries[name] = (impl, fits, device_ok, takes)
+  return with_kernels(op, implementation, xla, entries)
+
+
 def padded_dim(d: int, supported: tuple[int, ...]) -> int | None:
   """The smallest head dim in `supported` that is >= d (kernels take inputs
   zero-padded to it: zero columns change no dot product), or None."""

@@ -97,6 +97,7 @@ import numpy as np
 from attnlib.ops import _blocked
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
+from kernels_pallas.local_attention import mosaic_gpu_sparse as local_gpu_sparse
 from kernels_pallas.local_attention import tpu_sparse as local_tpu_sparse
 
 _OP = "al.neighborhood_attention"
@@ -333,38 +334,37 @@ def _validate(q: Any, k: Any, v: Any, kernel_size: Any, dilation: Any,
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "kernel_size", "dilation", "stride", "is_causal", "scale", "interpret"))
-def _mosaic_tpu_impl(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                     kernel_size: tuple[int, ...], dilation: tuple[int, ...],
-                     stride: tuple[int, ...], is_causal: tuple[bool, ...],
-                     scale: float, interpret: bool) -> jax.Array:
-  """kernels_pallas/local_attention/tpu_sparse.py (block-sparse over
-  multi-dimensional tiles, forward and backward); head dims zero-padded."""
-  dims = local_tpu_sparse.SUPPORTED_HEAD_DIMS
-  dp = _dispatch.padded_dim(q.shape[-1], dims)
-  vp = _dispatch.padded_dim(v.shape[-1], dims)
-  pad = _dispatch.pad_last
-  o = local_tpu_sparse.neighborhood_attention(
-      pad(q, dp), pad(k, dp), pad(v, vp), kernel_size=kernel_size,
-      dilation=dilation, stride=stride, is_causal=is_causal, scale=scale,
-      interpret=interpret)
-  return o[..., :v.shape[-1]]
+def _kernel_impl(module):
+  """The op's backend signature over a kernel module's entry point
+  (tpu_sparse.py or mosaic_gpu_sparse.py: block-sparse over
+  multi-dimensional tiles, forward and backward); head dims zero-padded to
+  ones the kernels take."""
+  @functools.partial(jax.jit, static_argnames=(
+      "kernel_size", "dilation", "stride", "is_causal", "scale", "interpret"))
+  def impl(q, k, v, *, kernel_size, dilation, stride, is_causal, scale,
+           interpret):
+    dims = module.SUPPORTED_HEAD_DIMS
+    dp = _dispatch.padded_dim(q.shape[-1], dims)
+    vp = _dispatch.padded_dim(v.shape[-1], dims)
+    pad = _dispatch.pad_last
+    o = module.neighborhood_attention(
+        pad(q, dp), pad(k, dp), pad(v, vp), kernel_size=kernel_size,
+        dilation=dilation, stride=stride, is_causal=is_causal, scale=scale,
+        interpret=interpret)
+    return o[..., :v.shape[-1]]
+  return impl
 
 
-def _backends(q: jax.Array, v: jax.Array, implementation: str | None) -> dict:
+# Kernel backends: name -> (the op's implementation, kernel module).
+_KERNELS = {"mosaic_tpu": (_kernel_impl(local_tpu_sparse), local_tpu_sparse),
+            "mosaic_gpu": (_kernel_impl(local_gpu_sparse), local_gpu_sparse)}
+
+
+def _backends(q: jax.Array, v: jax.Array, implementation: str | None,
+              interpret: bool) -> dict:
   """"xla" and the kernels that fit this call (see `_dispatch.with_kernels`)."""
-  dims = local_tpu_sparse.SUPPORTED_HEAD_DIMS
-  dp = _dispatch.padded_dim(q.shape[-1], dims)
-  vp = _dispatch.padded_dim(v.shape[-1], dims)
-  fits = (dp is not None and vp is not None
-          and local_tpu_sparse.supports(dp, vp, q.dtype))
-  takes = (f"head dims up to {max(dims)} (got D={q.shape[-1]}, "
-           f"V={v.shape[-1]}) and dtypes "
-           f"{[jnp.dtype(x).name for x in local_tpu_sparse.SUPPORTED_DTYPES]}")
-  return _dispatch.with_kernels(
-      _OP, implementation, _xla_impl,
-      {"mosaic_tpu": (_mosaic_tpu_impl, fits, True, takes)})
+  return _dispatch.padded_kernels(_OP, implementation, _xla_impl, q, v,
+                                  interpret, _KERNELS)
 
 
 def neighborhood_attention(
@@ -412,14 +412,19 @@ def neighborhood_attention(
       sliding window, stride == kernel_size blocked attention).
     is_causal: per-axis causal masking, bool or a sequence of len(S) bools.
     scale: logit scale; None means ``D ** -0.5``.
-    implementation: None (mosaic_tpu on TPU when the call fits it, else
-      "xla"), "xla" or "mosaic_tpu" (kernels_pallas/local_attention/
-      tpu_sparse.py: tokens regrouped into multi-dimensional tiles per
-      dilation group, each query tile visiting only the key tiles its
-      windows reach, the mask only on tiles that straddle a window edge;
-      forward and backward; D, V up to 256, zero-padded to 64/128/256).
-      "mosaic_gpu" is not implemented yet (issue 4).
-    interpret: run the Pallas kernel in interpret mode (TPU semantics).
+    implementation: None (the kernel of the platform when the call fits
+      it: mosaic_tpu on TPU, mosaic_gpu on a Hopper GPU; else "xla"), "xla",
+      "mosaic_tpu" (kernels_pallas/local_attention/tpu_sparse.py: tokens
+      regrouped into multi-dimensional tiles per dilation group, each query
+      tile visiting only the key tiles its windows reach, the mask only on
+      tiles that straddle a window edge; forward and backward; D, V up to
+      256, zero-padded to 64/128/256) or "mosaic_gpu" (.../
+      mosaic_gpu_sparse.py, Hopper: the same plan with tiles of 64 tokens,
+      wgmma; D, V up to 128, zero-padded to 64/128; bf16/f16 only).
+    interpret: run the Pallas kernel in interpret mode (TPU semantics with
+      pltpu.InterpretParams for mosaic_tpu, Mosaic GPU's interpreter with
+      plgpu.InterpretGPUParams for mosaic_gpu); with implementation=None it
+      picks mosaic_tpu when the call fits it.
 
   Returns:
     [B, *S, H, V] in q.dtype; logits, softmax and the weighted sum are
@@ -432,12 +437,13 @@ def neighborhood_attention(
       dilation, stride or is_causal not an int/bool or a sequence of len(S)
       of them; kernel_size < 2, dilation < 1, stride < 1 or > kernel_size,
       kernel_size * dilation > the axis length; a bad scale, implementation
-      or interpret; a named kernel that does not fit the call.
-    NotImplementedError: implementation="mosaic_gpu".
+      or interpret; a named kernel that does not fit the call (head dims,
+      dtype: mosaic_gpu takes bf16/f16 only; mosaic_gpu off Hopper without
+      interpret).
   """
   options = _validate(q, k, v, kernel_size, dilation, stride, is_causal, scale)
-  fn = _dispatch.select(_OP, implementation, _backends(q, v, implementation),
-                        interpret)
+  fn = _dispatch.select(_OP, implementation,
+                        _backends(q, v, implementation, interpret), interpret)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   kwargs = {} if fn is _xla_impl else {"interpret": interpret}
   return fn(q, k, v, scale=scale, **options, **kwargs)

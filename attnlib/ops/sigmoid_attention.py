@@ -13,6 +13,8 @@ import numpy as np
 from attnlib.ops import _blocked
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
+from kernels_pallas.sigmoid_attention import mosaic_gpu as sigmoid_gpu
+from kernels_pallas.sigmoid_attention import tpu as sigmoid_tpu
 
 _OP = "al.sigmoid_attention"
 
@@ -38,6 +40,37 @@ def _xla_impl(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
 
   return _blocked.blocked_attention(
       q, k, v, combine, scale=scale, left=left, right=right, block_q=block_q)
+
+
+def _kernel_impl(module):
+  """The op's backend signature over a kernel module's entry point: head dims
+  zero-padded to ones the kernels take, the bias as one value per head."""
+  @functools.partial(jax.jit, static_argnames=("left", "right", "scale",
+                                               "block_q", "interpret"))
+  def impl(q, k, v, bias, *, left, right, scale, block_q, interpret):
+    del block_q  # the xla implementation's; the kernels tile by their own
+    d, dv, h = q.shape[-1], v.shape[-1], q.shape[2]
+    dp = _dispatch.padded_dim(d, module.SUPPORTED_HEAD_DIMS)
+    vp = _dispatch.padded_dim(dv, module.SUPPORTED_HEAD_DIMS)
+    pad = _dispatch.pad_last
+    per_head = jnp.broadcast_to(bias.astype(jnp.float32), (h,))
+    o = module.sigmoid_attention(
+        pad(q, dp), pad(k, dp), pad(v, vp), per_head, left=left, right=right,
+        scale=scale, interpret=interpret)
+    return o[..., :dv]
+  return impl
+
+
+# Kernel backends: name -> (the op's implementation, kernel module).
+_KERNELS = {"mosaic_tpu": (_kernel_impl(sigmoid_tpu), sigmoid_tpu),
+            "mosaic_gpu": (_kernel_impl(sigmoid_gpu), sigmoid_gpu)}
+
+
+def _backends(q: jax.Array, v: jax.Array, implementation: str | None,
+              interpret: bool) -> dict:
+  """"xla" and the kernels that fit this call (see `_dispatch.with_kernels`)."""
+  return _dispatch.padded_kernels(_OP, implementation, _xla_impl, q, v,
+                                  interpret, _KERNELS)
 
 
 def _check_bias(bias: Any, heads: int) -> None:
@@ -103,9 +136,17 @@ def sigmoid_attention(
     is_causal: mask keys after the query (requires Tq == Tk).
     local_window_size: None, an int w >= 0 or a pair (left, right) of ints
       >= 0 (requires Tq == Tk).
-    implementation: None or "xla" ("mosaic_tpu"/"mosaic_gpu" are not
-      implemented yet).
-    interpret: Pallas interpret mode for kernel backends.
+    implementation: None (the kernel of the platform when the call fits
+      it: mosaic_tpu on TPU, mosaic_gpu on a Hopper GPU; else "xla"), "xla",
+      "mosaic_tpu" (kernels_pallas/sigmoid_attention/tpu.py) or "mosaic_gpu"
+      (.../mosaic_gpu.py, Hopper). Both are forward and backward kernels that
+      visit only the key tiles a query tile's window reaches. mosaic_tpu: D,
+      V up to 256 (zero-padded to 64/128/256), f32/bf16/f16; mosaic_gpu: D,
+      V up to 128 (zero-padded to 64/128), bf16/f16 only, so float32 calls
+      with implementation=None use "xla" there.
+    interpret: Pallas interpret mode for kernel backends (TPU semantics for
+      mosaic_tpu, Mosaic GPU's interpreter for mosaic_gpu); with
+      implementation=None it picks mosaic_tpu when the call fits it.
 
   Returns:
     [B, Tq, H, V] in q.dtype.
@@ -115,9 +156,8 @@ def sigmoid_attention(
       heads not divisible, dtypes differing or not floating, Tq != Tk with
       ``is_causal`` or a window, a bias of the wrong type/shape/dtype or
       non-finite (checked when concrete), a bad ``local_window_size``, a
-      non-bool ``is_causal`` or ``interpret``, a bad ``scale``, or an unknown
-      ``implementation``.
-    NotImplementedError: for a kernel backend that does not exist yet.
+      non-bool ``is_causal`` or ``interpret``, a bad ``scale``, an unknown
+      ``implementation``, or a named kernel that does not fit the call.
   """
   _checks.check_bool(_OP, "is_causal", is_causal)
   masked = bool(is_causal) or local_window_size is not None
@@ -128,11 +168,15 @@ def sigmoid_attention(
             else _blocked.parse_window(_OP, local_window_size))
   _check_bias(bias, q.shape[2])
   _checks.check_scale(_OP, scale)
-  impl = _dispatch.select(_OP, implementation, {"xla": _xla_impl}, interpret)
+  impl = _dispatch.select(
+      _OP, implementation, _backends(q, v, implementation, interpret),
+      interpret)
   if bias is None:
     bias = -math.log(k.shape[1])
   if isinstance(bias, (int, float)):
     bias = jnp.asarray(bias, jnp.float32)
   left, right = _blocked.band(q.shape[1], k.shape[1], window, bool(is_causal))
+  kwargs = {} if impl is _xla_impl else {"interpret": interpret}
   return impl(q, k, v, bias, left=left, right=right,
-              scale=_checks.default_scale(q.shape[-1], scale), block_q=BLOCK_Q)
+              scale=_checks.default_scale(q.shape[-1], scale), block_q=BLOCK_Q,
+              **kwargs)

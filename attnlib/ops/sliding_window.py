@@ -47,22 +47,16 @@ def _kernel_impl(module):
   return impl
 
 
+# Kernel backends: name -> (the op's implementation, kernel module).
+_KERNELS = {"mosaic_tpu": (_kernel_impl(local_tpu), local_tpu),
+            "mosaic_gpu": (_kernel_impl(local_gpu), local_gpu)}
+
+
 def _backends(q: jax.Array, v: jax.Array, implementation: str | None,
               interpret: bool) -> dict:
   """"xla" and the kernels that fit this call (see `_dispatch.with_kernels`)."""
-  d, dv, dtype = q.shape[-1], v.shape[-1], q.dtype
-  kernels = {}
-  for name, module, device_ok in (
-      ("mosaic_tpu", local_tpu, True),
-      ("mosaic_gpu", local_gpu, interpret or _dispatch.is_hopper())):
-    dims = module.SUPPORTED_HEAD_DIMS
-    dp, vp = _dispatch.padded_dim(d, dims), _dispatch.padded_dim(dv, dims)
-    fits = dp is not None and vp is not None and module.supports(dp, vp, dtype)
-    takes = (f"head dims up to {max(dims)} (got D={d}, V={dv}) and dtypes "
-             f"{[jnp.dtype(x).name for x in module.SUPPORTED_DTYPES]} (got "
-             f"{jnp.dtype(dtype).name})")
-    kernels[name] = (_kernel_impl(module), fits, device_ok, takes)
-  return _dispatch.with_kernels(_OP, implementation, _xla_impl, kernels)
+  return _dispatch.padded_kernels(_OP, implementation, _xla_impl, q, v,
+                                  interpret, _KERNELS)
 
 
 def sliding_window_attention(

@@ -17,7 +17,7 @@ Backward (dO the output cotangent, delta_i = dO_i . o_i, computed in XLA):
   dq_i  = scale sum_j ds_ij k_j,
   dk_j  = scale sum_i ds_ij q_i,   dv_j = sum_i p_ij dO_i.
 
-Block sparsity. T is zero-padded to a multiple of the block (64) and cut
+Block sparsity. T is zero-padded to a multiple of 128 (two blocks) and cut
 into tiles of 64 queries / 64 keys. The keys some real query of query tile
 [q0, q0 + 64) sees form the interval [max(0, q0 - left), min(q1 + right,
 T - 1)] (q1 = its last real query), so a CTA visits only the key tiles
@@ -32,15 +32,24 @@ T - 1)] (q1 = its last real query), so a CTA visits only the key tiles
 (edge) pairs evaluate the band mask. Tiles outside the range take no part in
 the math (see below for the one load a skipped step still issues).
 
-Kernels (one warpgroup = one CTA per (tile, head, batch), grid
-(tiles, H, B)). Each pipeline is a `plgpu.emit_pipeline` over a static
-number of steps (the largest range of any CTA); step i loads tile
-start + i (clamped to the last tile) with TMA, double-buffered, and a CTA
-whose range is shorter skips its extra steps (`lax.cond`, no math; the TMA
-load of such a step, a clamped tile, still happens and is ignored: only
-CTAs near the sequence ends have shorter ranges). All matmuls are wgmma with
-float32 accumulation; probabilities are rounded to the input dtype before
-P V, dS K etc. as in FlashAttention.
+Kernels. The forward and dq kernels have one warpgroup = one CTA per
+(query tile, head, batch), grid (tiles, H, B); each pipeline is a
+`plgpu.emit_pipeline` over a static number of steps (the largest range of
+any CTA); step i loads tile start + i (clamped to the last tile) with TMA,
+double-buffered, and a CTA whose range is shorter skips its extra steps
+(`lax.cond`, no math; the TMA load of such a step, a clamped tile, still
+happens and is ignored: only CTAs near the sequence ends have shorter
+ranges). The dk/dv kernel is warp-specialized
+(`plgpu.emit_pipeline_warp_specialized`): a CTA holds two key tiles, one per
+compute warpgroup, and a third warpgroup streams the union of their query
+tile ranges (`_cta_range`), which both compute warpgroups read, each
+skipping the tiles outside its own range. Its two [64, D] float32
+accumulators per warpgroup kept the one-warpgroup version at one CTA per SM;
+two compute warpgroups per CTA give the SM two again, and halve the query
+tile loads (1.5x on the H200, BENCHMARKS.md section 4b). The same split was
+slower for the forward and dq kernels, which already fit two CTAs per SM.
+All matmuls are wgmma with float32 accumulation; probabilities are rounded
+to the input dtype before P V, dS K etc. as in FlashAttention.
 
   forward: per query tile, the online softmax over its key tiles (base 2:
     m, l and the saved lse are in units of log2); o and lse via TMA stores.
@@ -68,7 +77,6 @@ accumulators start at zero with the carried value added afterwards (no
 from __future__ import annotations
 
 import functools
-import math
 import operator
 
 import jax
@@ -82,8 +90,11 @@ from kernels_pallas import mosaic_gpu_common as common
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _BLOCK = 64
-_LOG2E = math.log2(math.e)
-_MASK = -1e30   # masked (log2-scaled) score; finite on purpose (docstring)
+_WGS = 2            # compute warpgroups of the dk/dv kernel, a key tile each
+_MEMORY_REGS = 40   # registers of its TMA warpgroup
+_PAD = _WGS * _BLOCK   # T is padded to a multiple of this
+_LOG2E = common.LOG2E
+_MASK = common.MASK   # masked (log2-scaled) score; finite on purpose (docstring)
 
 
 def supports(d: int, dv: int, dtype) -> bool:
@@ -120,21 +131,12 @@ def _max_steps(n_src, **kw):
   return max(e - s for s, e in (tile_range(i, **kw) for i in range(n_src)))
 
 
-def _products(mma, shapes):
-  """Fresh float32 accumulators of `shapes` filled by `mma(*acc_refs)`, one
-  wgmma group."""
-  def scoped(*acc_refs):
-    mma(*acc_refs)
-    return tuple(r[...] for r in acc_refs)
-  return pl.run_scoped(scoped, *(plgpu.ACC(s, jnp.float32) for s in shapes))
-
-
-_TILED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-_WGMMA = plgpu.Layout.WGMMA
-_ROWS = plgpu.Layout.WGMMA.reduce(1)   # one value per row
-_COLS = plgpu.Layout.WGMMA.reduce(0)   # one value per column
-_PARAMS = plgpu.CompilerParams(
-    approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+_products = common.products
+_TILED = common.TILED
+_WGMMA = common.WGMMA
+_ROWS = common.ROWS
+_COLS = common.COLS
+_PARAMS = common.LANE_PARAMS
 
 
 def _visible(row0, col0, shape, *, t, left, right, keys_on_rows):
@@ -145,17 +147,8 @@ def _visible(row0, col0, shape, *, t, left, right, keys_on_rows):
   return (kj >= qi - left) & (kj <= qi + right) & (kj < t)
 
 
-def _bcast(x, shape, dim):
-  return lax.broadcast_in_dim(x, shape, [dim])
-
-
-def _a_operand(x16, smem):
-  """wgmma A operand: registers on the GPU, SMEM (scratch) in interpret."""
-  if smem is None:
-    return x16
-  smem[...] = x16
-  plgpu.commit_smem()
-  return smem
+_bcast = common.bcast
+_a_operand = common.a_operand
 
 
 def _skip_or(valid, interior, step, carry):
@@ -170,7 +163,7 @@ def _skip_or(valid, interior, step, carry):
 
 
 def _forward(q, k, v, *, t, left, right, scale, interpret):
-  """q [B, Tp, H, D] (Tp % 64 == 0) -> (o [B, Tp, H, V] q.dtype,
+  """q [B, Tp, H, D] (Tp % 128 == 0) -> (o [B, Tp, H, V] q.dtype,
   lse [B, H, Tp] float32 in log2 units of the scaled scores)."""
   b, tp, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
@@ -345,10 +338,22 @@ def _backward_dq(q, k, v, do, lse, delta, *, t, left, right, scale,
   )(q, k, v, do, lse, delta)
 
 
+def _cta_range(cta, **kw):
+  """[start, end) of the destination tiles that source tiles 2 cta and
+  2 cta + 1 (the two compute warpgroups of one CTA) reach together."""
+  start, _ = tile_range(_WGS * cta, **kw)
+  _, end = tile_range(_WGS * cta + _WGS - 1, **kw)
+  return start, end
+
+
+def _cta_steps(n_cta, **kw):
+  return max(e - s for s, e in (_cta_range(c, **kw) for c in range(n_cta)))
+
+
 def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
                   interpret):
   """(dk [B, Tp, H, D], dv [B, Tp, H, V]) per QUERY head, in q.dtype when
-  H == Hkv else float32."""
+  H == Hkv else float32; Tp % 128 == 0 (two key tiles per CTA)."""
   b, tp, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   group = h // hkv
@@ -356,29 +361,43 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   n = tp // bk
   dtype = q.dtype
   out_dtype = dtype if group == 1 else jnp.float32
-  out_tf = _TILED if group == 1 else ()
   c = float(scale) * _LOG2E
   kw = dict(t=t, back=right, ahead=left, block_src=bk, block_dst=bq)
-  max_steps = _max_steps(n, **kw)
+  steps = _cta_steps(n // _WGS, **kw)
   interp = common.interpret_params(interpret)
+  jnp_range = lambda tile: tile_range(tile, **kw, maximum=jnp.maximum,
+                                      minimum=jnp.minimum)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-             k_smem, v_smem, dk_smem, dv_smem, bars, *maybe_a):
-    pt_smem, dst_smem = maybe_a if maybe_a else (None, None)
-    kt, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
+             k_smem2, v_smem2, out_smem2, bars, *maybe_a):
+    ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
+    wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    start, _ = jnp_range(_WGS * ct)  # the CTA's first query tile
+    kt = _WGS * ct + wg              # this warpgroup's key tile
     k0 = kt * bk
-    start, end = tile_range(kt, **kw, maximum=jnp.maximum,
-                            minimum=jnp.minimum)
+    own_start, own_end = jnp_range(kt)
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    pt_smem, dst_smem = ((maybe_a[0].at[wg], maybe_a[1].at[wg])
+                         if maybe_a else (None, None))
     keys = pl.ds(k0, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh], k_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh], v_smem, bars.at[1])
-    plgpu.barrier_wait(bars.at[0])
-    plgpu.barrier_wait(bars.at[1])
+
+    def compute(pipeline):   # per compute warpgroup, around its steps
+      plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh], k_smem, bars.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh], v_smem,
+                              bars.at[_WGS + wg])
+      plgpu.barrier_wait(bars.at[wg])
+      plgpu.barrier_wait(bars.at[_WGS + wg])
+      dk, dv_ = pipeline(
+          (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
+           plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA)))
+      common.store_dkv(
+          (dk * float(scale)).astype(out_dtype), dv_.astype(out_dtype),
+          dk_ref.at[bb, keys, hh], dv_ref.at[bb, keys, hh], k_smem=k_smem,
+          v_smem=v_smem, staging=out_smem2, wg=wg)
 
     def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
-      (i,) = idx
-      qt = start + i
+      qt = start + idx[0]
 
       def step(carry, masked):
         dk_acc, dv_acc = carry
@@ -401,43 +420,36 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
           plgpu.wgmma(dk_ref, dst16, q_smem)
         return common.accumulate(acc, (dk_acc, dv_acc), interp)
 
+      valid = (qt >= own_start) & (qt < own_end)
       interior = _interior(qt * bq, k0, t=t, left=left, right=right,
                            block_q=bq, block_kv=bk)
-      return _skip_or(qt < end, interior, step, carry)
+      return _skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
     clamp1 = lambda i: (jnp.minimum(start + i, n - 1),)
-    init = (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
-            plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA))
-    pipeline = plgpu.emit_pipeline(
-        body, grid=(max_steps,),
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=_MEMORY_REGS,
         in_specs=[plgpu.BlockSpec((bq, d), clamp, transforms=_TILED),
                   plgpu.BlockSpec((bq, dv), clamp, transforms=_TILED),
                   plgpu.BlockSpec((bq,), clamp1),
                   plgpu.BlockSpec((bq,), clamp1)],
-        out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
-        init_carry=init)
-    dk, dv_ = pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh],
-                       lse_ref.at[bb, hh], delta_ref.at[bb, hh])
-    dk_smem[...] = (dk * float(scale)).astype(out_dtype)
-    dv_smem[...] = dv_.astype(out_dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[bb, keys, hh])
-    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[bb, keys, hh])
-    plgpu.wait_smem_to_gmem(0)
+        max_concurrent_steps=max(1, min(2, steps)), num_compute_wgs=_WGS,
+        wg_axis="wg", compute_context=compute)
+    pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh],
+             lse_ref.at[bb, hh], delta_ref.at[bb, hh])
 
-  scratch = [plgpu.SMEM((bk, d), dtype, transforms=_TILED),
-             plgpu.SMEM((bk, dv), dtype, transforms=_TILED),
-             plgpu.SMEM((bk, d), out_dtype, transforms=out_tf),
-             plgpu.SMEM((bk, dv), out_dtype, transforms=out_tf),
-             plgpu.Barrier(num_barriers=2)]
+  scratch = [plgpu.SMEM((_WGS, bk, d), dtype, transforms=_TILED),
+             plgpu.SMEM((_WGS, bk, dv), dtype, transforms=_TILED),
+             common.dkv_staging(group, _WGS, bk, d, dv),
+             plgpu.Barrier(num_barriers=2 * _WGS)]
   if interp is not None:
-    scratch += [plgpu.SMEM((bk, bq), dtype, transforms=_TILED)] * 2
+    scratch += [plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)] * 2
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype)),
-      grid=(n, h, b), grid_names=("kv", "heads", "batch"),
+      grid=(n // _WGS, h, b), grid_names=("kv", "heads", "batch"),
+      num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v, do, lse, delta)
@@ -448,7 +460,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def _attention(q, k, v, t, left, right, scale, interpret):
-  """On T-padded arrays ([B, Tp, *, *], Tp % 64 == 0); t is the real T."""
+  """On T-padded arrays ([B, Tp, *, *], Tp % 128 == 0); t is the real T."""
   o, _ = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
                   interpret=interpret)
   return o
@@ -538,7 +550,7 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
   _check(q, k, v, left, right, block_sizes)
   t = q.shape[1]
   left, right = min(int(left), t - 1), min(int(right), t - 1)
-  tp = -(-t // _BLOCK) * _BLOCK
+  tp = -(-t // _PAD) * _PAD
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   if tp != t:
     q, k, v = pad(q), pad(k), pad(v)
@@ -553,7 +565,7 @@ def forward_with_lse(q, k, v, *, left: int, right: int, scale: float,
   _check(q, k, v, left, right, {})
   t = q.shape[1]
   left, right = min(int(left), t - 1), min(int(right), t - 1)
-  tp = -(-t // _BLOCK) * _BLOCK
+  tp = -(-t // _PAD) * _PAD
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   o, lse = _forward(pad(q), pad(k), pad(v), t=t, left=left, right=right,
                     scale=float(scale), interpret=interpret)

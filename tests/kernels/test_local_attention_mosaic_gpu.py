@@ -146,6 +146,21 @@ def test_interpret_matches_oracle(t, h, hkv, dtype, left, right):
     _check_close(g, g_ref, name)
 
 
+def test_interpret_value_dim_differs_gqa():
+  # V = 128 != D = 64 with GQA: the dk/dv kernel stages its float32 outputs
+  # in two buffers per warpgroup (D == V shares one).
+  t, h, hkv, left, right = 140, 4, 2, 60, 9
+  q, k, _, _ = _inputs(t, h, hkv, 64, jnp.bfloat16, seed=4)
+  _, _, v, w = _inputs(t, h, hkv, 128, jnp.bfloat16, seed=5)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=right, scale=0.125, interpret=True)
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=0.125)
+  _check_close(fn(q, k, v), ref(q, k, v), "o")
+  for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
+                            _grads(ref, q, k, v, w)):
+    _check_close(g, g_ref, name)
+
+
 def test_interpret_lse():
   t, h, hkv, d, left, right = 150, 2, 1, 64, 70, 3
   q, k, v, _ = _inputs(t, h, hkv, d, jnp.bfloat16, seed=1)
@@ -223,6 +238,21 @@ def test_backward_lowers_for_cuda(left):
   dq, dk, dv = exported.out_avals
   assert dq.shape == (2, t, 4, 128) and dq.dtype == jnp.bfloat16
   assert dk.shape == dv.shape == (2, t, 2, 128)
+
+
+@pytest.mark.parametrize("d,dv", [(128, 64), (64, 128)])
+def test_backward_lowers_for_cuda_value_dim_differs(d, dv):
+  # GQA (float32 dk/dv staging) with D != V fits the SMEM limit at T = 16k.
+  sds = jax.ShapeDtypeStruct
+  args = (sds((2, 16384, 4, d), jnp.bfloat16), sds((2, 16384, 2, d), jnp.bfloat16),
+          sds((2, 16384, 2, dv), jnp.bfloat16))
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=511, right=0, scale=0.1)
+  grad = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)),
+                  argnums=(0, 1, 2))
+  exported = jax.export.export(jax.jit(grad), platforms=["cuda"])(*args)
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 3
 
 
 def test_lowers_mha_t_not_multiple_of_block():

@@ -11,6 +11,7 @@ import pytest
 from jax.test_util import check_grads
 
 import attnlib as al
+from attnlib.ops import _dispatch
 from attnlib.ops import neighborhood as nb_lib
 from tests.oracles import neighborhood as oracle
 
@@ -298,8 +299,20 @@ def test_implementations():
   base = al.neighborhood_attention(q, k, v, kernel_size=3)
   np.testing.assert_array_equal(
       al.neighborhood_attention(q, k, v, kernel_size=3, implementation="xla"), base)
-  with pytest.raises(NotImplementedError):
-    al.neighborhood_attention(q, k, v, kernel_size=3, implementation="mosaic_gpu")
+  # The Mosaic GPU kernels take bf16/f16 only, and run on Hopper or with
+  # interpret=True; implementation=None falls back to xla on its own.
+  with pytest.raises(ValueError, match="implementation='mosaic_gpu'.*bfloat16"):
+    al.neighborhood_attention(q, k, v, kernel_size=3, implementation="mosaic_gpu",
+                              interpret=True)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  if not _dispatch.is_hopper():
+    with pytest.raises(ValueError, match="on a Hopper GPU or with interpret=True"):
+      al.neighborhood_attention(q16, k16, v16, kernel_size=3,
+                                implementation="mosaic_gpu")
+  with pytest.raises(ValueError, match="head dims up to 128"):
+    al.neighborhood_attention(*(jnp.zeros((1, 7, 2, 130), jnp.bfloat16),) * 3,
+                              kernel_size=3, implementation="mosaic_gpu",
+                              interpret=True)
   with pytest.raises(ValueError, match="implementation"):
     al.neighborhood_attention(q, k, v, kernel_size=3, implementation="cuda")
   with pytest.raises(ValueError, match="interpret"):
@@ -386,3 +399,42 @@ def test_mosaic_tpu_kernel_through_the_op(name):
   want = jax.grad(_loss(_oracle, options, cot), (0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+
+
+# The Mosaic GPU kernel through the op (its interpreter): bf16 inputs, head
+# dims 8 zero-padded to 64, forward and gradients against the oracle (float32
+# inputs) with the 16-bit tolerance of the Mosaic GPU kernels' tests.
+@pytest.mark.parametrize("name", ["1d_stride_causal_dilation", "3d_causal_dilation"])
+def test_mosaic_gpu_kernel_through_the_op(name):
+  spatial, options, heads, kv_heads = CASES[name]
+  q, k, v = _inputs(spatial, heads, kv_heads, v_dim=6, batch=1,
+                    dtype=jnp.bfloat16, seed=16)
+  cot = jnp.asarray(_normal((*q.shape[:-1], 6), 17))
+  run = functools.partial(al.neighborhood_attention, implementation="mosaic_gpu",
+                          interpret=True)
+  out = run(q, k, v, **options)
+  assert out.shape == (*q.shape[:-1], 6) and out.dtype == jnp.bfloat16
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  got = (out,) + jax.grad(_loss(run, options, cot), (0, 1, 2))(q, k, v)
+  want = (_oracle(*f32, **options),) + jax.grad(_loss(_oracle, options, cot),
+                                                (0, 1, 2))(*f32)
+  for x, y in zip(got, want):
+    assert x.dtype == jnp.bfloat16
+    scale = float(jnp.abs(y).max())
+    np.testing.assert_allclose(np.asarray(x, np.float32) / scale,
+                               np.asarray(y, np.float32) / scale, atol=2e-2)
+
+
+@pytest.mark.skipif(not _dispatch.is_hopper(), reason="needs a Hopper GPU")
+def test_gpu_none_picks_mosaic_gpu_for_16_bit_inputs():
+  q, k, v = _inputs((12, 10), 4, 2, dim=64, v_dim=64, batch=1,
+                    dtype=jnp.bfloat16, seed=18)
+  pick = lambda *a: _dispatch.select("op", None, nb_lib._backends(*a, None, False))
+  assert pick(q, v) is nb_lib._KERNELS["mosaic_gpu"][0]
+  assert pick(q.astype(jnp.float32), v.astype(jnp.float32)) is nb_lib._xla_impl
+  out = al.neighborhood_attention(q, k, v, kernel_size=5, dilation=2)
+  want = _oracle(*(x.astype(jnp.float32) for x in (q, k, v)), kernel_size=5,
+                 dilation=2)
+  scale = float(jnp.abs(want).max())
+  np.testing.assert_allclose(np.asarray(out, np.float32) / scale,
+                             np.asarray(want) / scale, atol=2e-2)

@@ -215,8 +215,22 @@ def test_implementation_xla_and_kernels():
   q, k, v = make_qkv(0)
   out = al.sigmoid_attention(q, k, v, implementation="xla")
   np.testing.assert_allclose(out, oracle.sigmoid_attention(q, k, v), **F32_TOL)
-  with pytest.raises(NotImplementedError):
-    al.sigmoid_attention(q, k, v, implementation="mosaic_gpu")
+  # The TPU kernel (TPU interpret mode) takes these float32 inputs.
+  got = al.sigmoid_attention(q, k, v, implementation="mosaic_tpu",
+                             interpret=True)
+  np.testing.assert_allclose(got, oracle.sigmoid_attention(q, k, v),
+                             **F32_TOL)
+  # The Mosaic GPU kernel takes 16-bit inputs only: named, it refuses these
+  # float32 ones; 16-bit ones run it in interpret mode (tests/kernels).
+  with pytest.raises(ValueError, match="implementation='mosaic_gpu'"):
+    al.sigmoid_attention(q, k, v, implementation="mosaic_gpu", interpret=True)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  want = oracle.sigmoid_attention(q16, k16, v16)
+  got = al.sigmoid_attention(q16, k16, v16, implementation="mosaic_gpu",
+                             interpret=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2,
+                             rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,520 @@
+"""Sigmoid attention (FlashSigmoid) for Hopper GPUs, forward and backward, as
+Mosaic GPU (Pallas) kernels with a `jax.custom_vjp`.
+
+For q [B, Tq, H, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, V] (query head h reads
+kv head h // (H // Hkv)) and a per-head bias b_h, query i sees key j iff
+
+  (left is None or j >= i - left) and (right is None or j <= i + right)
+  and 0 <= j < Tk,
+
+and with s_ij = scale q_i . k_j and p_ij = sigmoid(s_ij + b_h) on the visible
+pairs (0 elsewhere):
+
+  o_i = sum_j p_ij v_j.
+
+No running maximum and no normaliser: every key's weight is final once its
+score is known, so the forward is a plain sum of P V tile products.
+Backward (dO the output cotangent; sigmoid' = p (1 - p)):
+
+  dp_ij = dO_i . v_j,   ds_ij = p_ij (1 - p_ij) dp_ij,
+  dq_i  = scale sum_j ds_ij k_j,    dk_j = scale sum_i ds_ij q_i,
+  dv_j  = sum_i p_ij dO_i,          db_h = sum_{b, i, j} ds_ij.
+
+Block sparsity, as in kernels_pallas/local_attention/mosaic_gpu.py: Tq and
+Tk are zero-padded to multiples of 128 and cut into 64-row tiles (128-row
+key tiles in the forward); a query
+tile visits only the key tiles some of its real queries see (`_range`;
+everything when left and right are None), a key tile the query tiles that
+reach it, and only pairs that are not *interior* (every query of the tile
+sees every key of the other, all keys real) evaluate the mask. Masking zeroes
+p itself (sigmoid of a masked score is not 0); padded key rows are always
+masked. Padded query rows are computed and sliced off; their dO is 0, so
+their ds and p dO are 0 in dk/dv.
+
+Each pipeline has a dynamic grid: exactly the CTA's range of partner tiles
+(at least one step; a step outside a warpgroup's own range is skipped with
+no math), so causal attention loads and computes about half the tiles.
+Kernels, all matmuls wgmma with float32 accumulation, p and ds rounded to the
+input dtype before their matmuls:
+  forward: warp-specialized (`plgpu.emit_pipeline_warp_specialized`): a CTA
+    holds two 64-row query tiles (one per compute warpgroup), a third
+    warpgroup streams [128, D] key and value tiles over the union of their
+    ranges, acc += P V. (Against one warpgroup per query tile over 64-key
+    tiles: 1.08x at 4k, 1.41x at 16k tokens, BENCHMARKS.md section 5.)
+  dq:      likewise; S and dP = dO V^T, ds, dq += dS K, and the row sums of
+    dS for db.
+  dk/dv:   warp-specialized: a CTA holds two key tiles (one per compute
+    warpgroup) and a third warpgroup streams Q and dO over the union of
+    their query-tile ranges; dk/dv per QUERY head, summed over each GQA group
+    in XLA (float32).
+p = 1 / (1 + 2^-x) with x = (s + b) log2(e).
+
+Supported: bfloat16/float16 (float32 raises ValueError; the op then uses
+xla), D and V in (64, 128), any Tq, Tk >= 1. Interpret mode
+(`interpret=True`) runs the same kernels on CPU (wgmma A operands through
+SMEM scratch there, see mosaic_gpu_common).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax import lax
+import jax.experimental.pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from kernels_pallas import mosaic_gpu_common as common
+from kernels_pallas.local_attention.mosaic_gpu import _skip_or
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+_BLOCK = 64
+_WGS = 2             # compute warpgroups of the dk/dv kernel
+_MEMORY_REGS = 40    # registers of its TMA warpgroup
+_PAD = _WGS * _BLOCK
+_LOG2E = common.LOG2E
+_TILED, _WGMMA, _ROWS = common.TILED, common.WGMMA, common.ROWS
+_bcast, _a_operand, _products = common.bcast, common.a_operand, common.products
+
+
+def supports(d: int, dv: int, dtype) -> bool:
+  """Whether the kernels take head dims (d, dv) and this input dtype."""
+  return (d in SUPPORTED_HEAD_DIMS and dv in SUPPORTED_HEAD_DIMS
+          and jnp.dtype(dtype) in map(jnp.dtype, SUPPORTED_DTYPES))
+
+
+def _range(tile, *, t_src, t_dst, back, ahead, block_src=_BLOCK,
+           block_dst=_BLOCK, maximum=max, minimum=min):
+  """[start, end) of the destination tiles (block_dst rows) that source tile
+  `tile` (block_src rows) reaches, source position i reaching
+  [i - back, i + ahead] ∩ [0, t_dst) (back / ahead None: unbounded). Python
+  ints or traced int32 scalars (maximum=jnp.maximum, minimum=jnp.minimum)."""
+  first = tile * block_src
+  last = minimum(first + block_src, t_src) - 1       # last real position
+  start = 0 if back is None else maximum(first - back, 0) // block_dst
+  end = ((t_dst - 1) // block_dst + 1 if ahead is None
+         else minimum(last + ahead, t_dst - 1) // block_dst + 1)
+  return start, end
+
+
+def _interior(q0, k0, *, tk, left, right, bq=_BLOCK, bk=_BLOCK):
+  """Every query of [q0, q0 + bq) sees every (real) key of [k0, k0 + bk)."""
+  ok = k0 + bk - 1 < tk
+  if left is not None:
+    ok = ok & (k0 >= q0 + bq - 1 - left)
+  if right is not None:
+    ok = ok & (k0 + bk - 1 <= q0 + right)
+  return ok
+
+
+def _visible(row0, col0, *, tk, left, right, keys_on_rows,
+             shape=(_BLOCK, _BLOCK)):
+  """Visibility of a tile in the WGMMA layout (keys on rows if
+  keys_on_rows)."""
+  r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA) + row0
+  c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA) + col0
+  qi, kj = (c, r) if keys_on_rows else (r, c)
+  ok = kj < tk
+  if left is not None:
+    ok = ok & (kj >= qi - left)
+  if right is not None:
+    ok = ok & (kj <= qi + right)
+  return ok
+
+
+def _sigmoid(x2):
+  """sigmoid(x) for x2 = x log2(e)."""
+  return 1.0 / (1.0 + jnp.exp2(-x2))
+
+
+def _bias_rows(bias_ref, hh):
+  return plgpu.load(bias_ref.at[hh], layout=_ROWS, optimized=False)
+
+
+# ---------------------------------------------------------------- kernels ---
+
+
+_BLOCK_K_FWD = 128   # key tile of the forward
+
+
+def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
+  """q [B, Tqp, H, D], k [B, Tkp, Hkv, D] (padded) -> o [B, Tqp, H, V]: two
+  compute warpgroups per CTA (64 query rows each) share [128, D] key tiles
+  streamed by a third."""
+  b, tqp, h, d = q.shape
+  tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+  group = h // hkv
+  dtype = q.dtype
+  bq, bk = _BLOCK, _BLOCK_K_FWD
+  c = float(scale) * _LOG2E
+  kw = dict(t_src=tq, t_dst=tk, back=left, ahead=right, block_src=bq,
+            block_dst=bk)
+  n_k = -(-tkp // bk)
+  interp = common.interpret_params(interpret)
+  jnp_range = lambda tile: _range(tile, **kw, maximum=jnp.maximum,
+                                  minimum=jnp.minimum)
+
+  def kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, q_smem2, o_smem2, bars,
+             *maybe_p):
+    ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+    wg = lax.axis_index("wg")
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    start, _ = jnp_range(_WGS * ct)
+    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)
+    qt = _WGS * ct + wg
+    q0 = qt * bq
+    own_start, own_end = jnp_range(qt)
+    q_smem = q_smem2.at[wg]
+    p_smem = maybe_p[0].at[wg] if maybe_p else None
+    rows = pl.ds(q0, bq)
+
+    def compute(pipeline):
+      plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[wg])
+      b2 = _bias_rows(bias_ref, hh) * _LOG2E
+      plgpu.barrier_wait(bars.at[wg])
+      acc, _ = pipeline(
+          (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA), b2))
+      o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]
+      o_smem[...] = acc.astype(dtype)   # (Q is read no more)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, rows, hh])
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(idx, k_smem, v_smem, carry):
+      kt = start + idx[0]
+
+      def step(carry, masked):
+        acc, b2 = carry
+        (s,) = _products(
+            lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
+            [(bq, bk)])
+        p = _sigmoid(s * c + _bcast(b2, s.shape, 0))
+        if masked:
+          vis = _visible(q0, kt * bk, tk=tk, left=left, right=right,
+                         keys_on_rows=False, shape=(bq, bk))
+          p = jnp.where(vis, p, 0.0)
+        p16 = _a_operand(p.astype(dtype), p_smem)
+        (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
+                                   (acc,), interp)
+        return acc, b2
+
+      valid = (kt >= own_start) & (kt < own_end)
+      interior = _interior(q0, kt * bk, tk=tk, left=left, right=right,
+                           bq=bq, bk=bk)
+      return _skip_or(valid, interior, step, carry)
+
+    clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(jnp.maximum(cta_end - start, 1),),
+        memory_registers=_MEMORY_REGS,
+        in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
+        max_concurrent_steps=2, num_compute_wgs=_WGS, wg_axis="wg",
+        compute_context=compute)
+    pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+
+  scratch = [plgpu.SMEM((_WGS, bq, d), dtype, transforms=_TILED),
+             None if d == dv else plgpu.SMEM((_WGS, bq, dv), dtype,
+                                             transforms=_TILED),   # o
+             plgpu.Barrier(num_barriers=_WGS)]
+  if interp is not None:
+    scratch.append(plgpu.SMEM((_WGS, bq, bk), dtype, transforms=_TILED))
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((b, tqp, h, dv), dtype),
+      grid=(tqp // bq // _WGS, h, b), grid_names=("q", "heads", "batch"),
+      num_threads=_WGS + 1, thread_name="wg",
+      scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
+      interpret=interp,
+  )(q, k, v, bias)
+
+
+def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
+                 interpret):
+  """(dq [B, Tqp, H, D] q.dtype, row sums of dS [B, H, Tqp] float32)."""
+  b, tqp, h, d = q.shape
+  tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+  group = h // hkv
+  dtype = q.dtype
+  c = float(scale) * _LOG2E
+  kw = dict(t_src=tq, t_dst=tk, back=left, ahead=right)
+  n_k = tkp // _BLOCK
+  interp = common.interpret_params(interpret)
+
+  def kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dsum_ref,
+             q_smem, do_smem, dsum_smem, bars, *maybe_ds):
+    ds_smem = maybe_ds[0] if maybe_ds else None
+    qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    q0 = qt * _BLOCK
+    rows = pl.ds(q0, _BLOCK)
+    start, end = _range(qt, **kw, maximum=jnp.maximum, minimum=jnp.minimum)
+    plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(do_ref.at[bb, rows, hh], do_smem, bars.at[1])
+    b2 = _bias_rows(bias_ref, hh) * _LOG2E
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[1])
+
+    def body(idx, k_smem, v_smem, carry):
+      kt = start + idx[0]
+
+      def step(carry, masked):
+        dq_acc, dsum = carry
+        def mma(s_ref, dp_ref):
+          plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+          plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
+        s, dp = _products(mma, [(_BLOCK, _BLOCK)] * 2)
+        p = _sigmoid(s * c + _bcast(b2, s.shape, 0))
+        if masked:
+          vis = _visible(q0, kt * _BLOCK, tk=tk, left=left, right=right,
+                         keys_on_rows=False)
+          p = jnp.where(vis, p, 0.0)
+        ds = p * (1.0 - p) * dp
+        ds16 = _a_operand(ds.astype(dtype), ds_smem)
+        (dq_acc,) = common.accumulate(
+            lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
+        return dq_acc, dsum + ds.sum(axis=1)
+
+      interior = _interior(q0, kt * _BLOCK, tk=tk, left=left, right=right)
+      return _skip_or(kt < end, interior, step, carry)
+
+    clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
+    pipeline = plgpu.emit_pipeline(
+        body, grid=(jnp.maximum(end - start, 1),),
+        in_specs=[plgpu.BlockSpec((_BLOCK, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((_BLOCK, dv), clamp, transforms=_TILED)],
+        out_specs=[], max_concurrent_steps=2,
+        init_carry=(
+            plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
+            plgpu.layout_cast(jnp.zeros((_BLOCK,), jnp.float32), _ROWS)))
+    dq, dsum = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+    q_smem[...] = (dq * float(scale)).astype(dtype)   # Q is read no more
+    dsum_smem[...] = dsum
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bb, rows, hh])
+    plgpu.copy_smem_to_gmem(dsum_smem, dsum_ref.at[bb, hh, rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  scratch = [plgpu.SMEM((_BLOCK, d), dtype, transforms=_TILED),
+             plgpu.SMEM((_BLOCK, dv), dtype, transforms=_TILED),
+             plgpu.SMEM((_BLOCK,), jnp.float32),
+             plgpu.Barrier(num_barriers=2)]
+  if interp is not None:
+    scratch.append(plgpu.SMEM((_BLOCK, _BLOCK), dtype, transforms=_TILED))
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                jax.ShapeDtypeStruct((b, h, tqp), jnp.float32)),
+      grid=(tqp // _BLOCK, h, b), grid_names=("q", "heads", "batch"),
+      scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
+      interpret=interp,
+  )(q, k, v, bias, do)
+
+
+def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
+                  interpret):
+  """(dk [B, Tkp, H, D], dv [B, Tkp, H, V]) per QUERY head, in q.dtype when
+  H == Hkv else float32."""
+  b, tqp, h, d = q.shape
+  tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+  group = h // hkv
+  dtype = q.dtype
+  out_dtype = dtype if group == 1 else jnp.float32
+  c = float(scale) * _LOG2E
+  kw = dict(t_src=tk, t_dst=tq, back=right, ahead=left)
+  n_q = tqp // _BLOCK
+  interp = common.interpret_params(interpret)
+  jnp_range = lambda tile: _range(tile, **kw, maximum=jnp.maximum,
+                                  minimum=jnp.minimum)
+
+  def kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref,
+             k_smem2, v_smem2, out_smem2, bars, *maybe_a):
+    ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
+    wg = lax.axis_index("wg")      # compute warpgroups 0 and 1
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    start, _ = jnp_range(_WGS * ct)      # the CTA's query tiles: [start,
+    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)   # cta_end)
+    kt = _WGS * ct + wg
+    k0 = kt * _BLOCK
+    own_start, own_end = jnp_range(kt)
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    pt_smem, dst_smem = ((maybe_a[0].at[wg], maybe_a[1].at[wg])
+                         if maybe_a else (None, None))
+    keys = pl.ds(k0, _BLOCK)
+
+    def compute(pipeline):   # per compute warpgroup, around its steps
+      plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh], k_smem, bars.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh], v_smem,
+                              bars.at[_WGS + wg])
+      b2 = _bias_rows(bias_ref, hh) * _LOG2E
+      plgpu.barrier_wait(bars.at[wg])
+      plgpu.barrier_wait(bars.at[_WGS + wg])
+      dk, dv_, _ = pipeline(
+          (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
+           plgpu.layout_cast(jnp.zeros((_BLOCK, dv), jnp.float32), _WGMMA),
+           b2))
+      common.store_dkv(
+          (dk * float(scale)).astype(out_dtype), dv_.astype(out_dtype),
+          dk_ref.at[bb, keys, hh], dv_ref.at[bb, keys, hh], k_smem=k_smem,
+          v_smem=v_smem, staging=out_smem2, wg=wg)
+
+    def body(idx, q_smem, do_smem, carry):
+      qt = start + idx[0]
+
+      def step(carry, masked):
+        dk_acc, dv_acc, b2 = carry
+        def mma(st_ref, dpt_ref):
+          plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
+          plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+        st, dpt = _products(mma, [(_BLOCK, _BLOCK)] * 2)   # [keys, queries]
+        pt = _sigmoid(st * c + _bcast(b2, st.shape, 0))
+        if masked:
+          vis = _visible(k0, qt * _BLOCK, tk=tk, left=left, right=right,
+                         keys_on_rows=True)
+          pt = jnp.where(vis, pt, 0.0)
+        dst = pt * (1.0 - pt) * dpt
+        pt16 = _a_operand(pt.astype(dtype), pt_smem)
+        dst16 = _a_operand(dst.astype(dtype), dst_smem)
+        def acc(dk_ref, dv_ref):
+          plgpu.wgmma(dv_ref, pt16, do_smem)
+          plgpu.wgmma(dk_ref, dst16, q_smem)
+        dk_acc, dv_acc = common.accumulate(acc, (dk_acc, dv_acc), interp)
+        return dk_acc, dv_acc, b2
+
+      valid = (qt >= own_start) & (qt < own_end)
+      interior = _interior(qt * _BLOCK, k0, tk=tk, left=left, right=right)
+      return _skip_or(valid, interior, step, carry)
+
+    clamp = lambda i: (jnp.minimum(start + i, n_q - 1), 0)
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(jnp.maximum(cta_end - start, 1),),
+        memory_registers=_MEMORY_REGS,
+        in_specs=[plgpu.BlockSpec((_BLOCK, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((_BLOCK, dv), clamp, transforms=_TILED)],
+        max_concurrent_steps=2, num_compute_wgs=_WGS,
+        wg_axis="wg", compute_context=compute)
+    pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh])
+
+  scratch = [plgpu.SMEM((_WGS, _BLOCK, d), dtype, transforms=_TILED),
+             plgpu.SMEM((_WGS, _BLOCK, dv), dtype, transforms=_TILED),
+             common.dkv_staging(group, _WGS, _BLOCK, d, dv),
+             plgpu.Barrier(num_barriers=2 * _WGS)]
+  if interp is not None:
+    scratch += [plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
+                           transforms=_TILED)] * 2
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((b, tkp, h, d), out_dtype),
+                jax.ShapeDtypeStruct((b, tkp, h, dv), out_dtype)),
+      grid=(tkp // _BLOCK // _WGS, h, b), grid_names=("kv", "heads", "batch"),
+      num_threads=_WGS + 1, thread_name="wg",
+      scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
+      interpret=interp,
+  )(q, k, v, bias, do)
+
+
+# ------------------------------------------------------------ custom_vjp ---
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _attention(q, k, v, bias, tq, tk, left, right, scale, interpret):
+  """On padded arrays; bias float32 [H, 64] (each head's value repeated)."""
+  return _forward(q, k, v, bias, tq=tq, tk=tk, left=left, right=right,
+                  scale=scale, interpret=interpret)
+
+
+def _attention_fwd(q, k, v, bias, tq, tk, left, right, scale, interpret):
+  return _attention(q, k, v, bias, tq, tk, left, right, scale,
+                    interpret), (q, k, v, bias)
+
+
+def _attention_bwd(tq, tk, left, right, scale, interpret, res, do):
+  q, k, v, bias = res
+  do = do.astype(q.dtype)
+  kw = dict(tq=tq, tk=tk, left=left, right=right, scale=scale,
+            interpret=interpret)
+  dq, dsum = _backward_dq(q, k, v, bias, do, **kw)
+  dk, dv = _backward_dkv(q, k, v, bias, do, **kw)
+  h, hkv = q.shape[2], k.shape[2]
+  if h != hkv:   # sum each group of H // Hkv query heads into its kv head
+    sum_heads = lambda x: x.reshape(
+        *x.shape[:2], hkv, h // hkv, x.shape[-1]).sum(axis=3)
+    dk, dv = sum_heads(dk), sum_heads(dv)
+  d_bias = jnp.zeros_like(bias).at[:, 0].set(dsum[:, :, :tq].sum(axis=(0, 2)))
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), d_bias
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _check(q, k, v, bias, left, right):
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be rank 4 [B, T, heads, dim], got "
+                     f"{q.shape}, {k.shape}, {v.shape}")
+  b, tq, h, d = q.shape
+  tk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+  if k.shape != (b, tk, hkv, d):
+    raise ValueError(f"k.shape={k.shape} must be {(b, tk, hkv, d)} "
+                     f"(q.shape={q.shape})")
+  if v.shape[:3] != (b, tk, hkv):
+    raise ValueError(f"v.shape={v.shape} must start with {(b, tk, hkv)}")
+  if tq < 1 or tk < 1 or hkv < 1 or h % hkv:
+    raise ValueError(f"Tq={tq}, Tk={tk} must be >= 1 and H={h} a multiple "
+                     f"of Hkv={hkv}")
+  if q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, "
+                     f"{v.dtype}")
+  if jnp.dtype(q.dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+    raise ValueError(f"dtype={q.dtype} unsupported: expected bfloat16 or "
+                     f"float16")
+  if d not in SUPPORTED_HEAD_DIMS or dv not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head dims D={d}, V={dv} must be in "
+                     f"{SUPPORTED_HEAD_DIMS}")
+  if getattr(bias, "shape", None) != (h,):
+    raise ValueError(f"bias.shape={getattr(bias, 'shape', None)} must be "
+                     f"({h},): one bias per query head")
+  for name, w in (("left", left), ("right", right)):
+    if w is not None and (not isinstance(w, int) or isinstance(w, bool)
+                          or w < 0):
+      raise ValueError(f"{name}={w!r} must be None or an int >= 0")
+  if (left is not None or right is not None) and tq != tk:
+    raise ValueError(f"a window (left={left}, right={right}) needs Tq == Tk, "
+                     f"got Tq={tq}, Tk={tk}")
+
+
+def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
+                      interpret=False) -> jax.Array:
+  """Sigmoid attention (module docstring) on Hopper, differentiable in q, k,
+  v and bias.
+
+  Args:
+    q: [B, Tq, H, D] bfloat16 or float16; D in SUPPORTED_HEAD_DIMS.
+    k: [B, Tk, Hkv, D], v: [B, Tk, Hkv, V], same dtype; H % Hkv == 0.
+    bias: float32 [H], added to the scaled scores of query head h.
+    left, right: None (unbounded) or ints >= 0; a window needs Tq == Tk.
+    scale: Python float multiplying q . k.
+    interpret: False, True (`plgpu.InterpretGPUParams()`) or an
+      `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
+
+  Returns:
+    [B, Tq, H, V] in q.dtype.
+
+  Raises:
+    ValueError: bad ranks/shapes, dtype not bf16/f16, D or V not in
+      (64, 128), bias not of shape [H], bad windows.
+  """
+  _check(q, k, v, bias, left, right)
+  tq, tk = q.shape[1], k.shape[1]
+  if left is not None:
+    left = min(left, tk - 1)
+  if right is not None:
+    right = min(right, tk - 1)
+  pad_to = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0),
+                                    (0, 0)))
+  tqp, tkp = -(-tq // _PAD) * _PAD, -(-tk // _PAD) * _PAD
+  bias_rows = jnp.broadcast_to(
+      jnp.asarray(bias, jnp.float32)[:, None], (q.shape[2], _BLOCK))
+  o = _attention(pad_to(q, tqp), pad_to(k, tkp), pad_to(v, tkp), bias_rows,
+                 tq, tk, left, right, float(scale), interpret)
+  return o[:, :tq]

@@ -1,0 +1,308 @@
+"""Tests of the Mosaic GPU (Hopper) block-sparse neighborhood-attention
+kernels, forward and backward (kernels_pallas/local_attention/
+mosaic_gpu_sparse.py).
+
+Tiers:
+  * numerics under Mosaic GPU interpret mode on tiny grids (CPU): output,
+    lse, dq, dk, dv against the dense oracle tests/oracles/neighborhood.py
+    (float32 inputs, HIGHEST precision; gradients: jax.grad of a
+    random-weighted sum of the output), over 1-D, 2-D and 3-D neighborhoods
+    with odd/even kernels, borders, dilation, causal axes, stride, GQA and
+    sizes that are not multiples of a tile; NaN keys outside a query tile's
+    visited tiles prove that the kernels read only the listed tiles;
+  * lowering for "cuda" via jax.export (CPU, no GPU needed) at realistic
+    shapes (B=2, H=16, D=128, bfloat16), forward and VJP;
+  * the compiled kernels on a real GPU against the op's xla implementation
+    (test_gpu_*, skipped unless the backend is "gpu").
+The kernels take bfloat16/float16 only, so the numerics use 16-bit inputs
+and the 16-bit tolerance 2e-2 relative to the reference's max (as
+test_local_attention_mosaic_gpu.py).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnlib as al
+from kernels_pallas.local_attention import mosaic_gpu_sparse as na
+from kernels_pallas.local_attention import plan as plan_lib
+from tests.oracles import neighborhood as oracle
+
+_ON_GPU = jax.default_backend() == "gpu"
+gpu_only = pytest.mark.skipif(not _ON_GPU, reason="needs a Hopper GPU")
+_TOL = 2e-2
+
+
+def _inputs(spatial, *, h, hkv, d=64, dv=64, dtype=jnp.bfloat16, b=1, seed=0):
+  """q [B,*S,H,D], k [B,*S,Hkv,D], v [B,*S,Hkv,V], output weights [.., H, V]."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  q = jnp.asarray(normal(b, *spatial, h, d), dtype)
+  k = jnp.asarray(normal(b, *spatial, hkv, d), dtype)
+  v = jnp.asarray(normal(b, *spatial, hkv, dv), dtype)
+  return q, k, v, jnp.asarray(normal(b, *spatial, h, dv))
+
+
+def _check_close(x, ref, what):
+  """16-bit tolerance relative to the reference's max."""
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  assert x.shape == ref.shape, (what, x.shape, ref.shape)
+  assert np.all(np.isfinite(x)), what
+  err = float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-6))
+  assert err < _TOL, (what, err)
+
+
+def _value_and_grads(fn, q, k, v, w):
+  def loss(q, k, v):
+    o = fn(q, k, v)
+    return jnp.sum(o.astype(jnp.float32) * w), o
+  grads, o = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  return o, grads
+
+
+def _f32(*xs):
+  return tuple(x.astype(jnp.float32) for x in xs)
+
+
+# ------------------------------------------------------ interpret numerics ---
+
+# (spatial, kernel, dilation, stride, causal, tile, h, hkv, d, dv, dtype);
+# tile None is the default (volume 64).
+_CASES = [
+    # 1-D, causal window 128 > tile: one interior pair; MHA, float16.
+    ((150,), 128, 1, 1, True, None, 2, 2, 64, 64, jnp.float16),
+    # 1-D: even kernel, dilation 3 (groups 34, 33, 33), stride 2; GQA.
+    ((100,), 6, 3, 2, False, None, 2, 1, 64, 64, jnp.bfloat16),
+    # 2-D odd sizes, kernel 5 (borders), default 8 x 8 tiles; GQA.
+    ((12, 10), 5, 1, 1, False, None, 2, 1, 64, 64, jnp.bfloat16),
+    # 2-D dilation 2 (four 6 x 5 groups, 4 x 16 tiles), stride 2 on a causal
+    # axis, kernel 3 x 4; D != V.
+    ((12, 10), (3, 4), 2, (1, 2), (False, True), None, 2, 2, 128, 64,
+     jnp.bfloat16),
+    # 3-D 4 x 6 x 6, 4 x 4 x 4 tiles, stride and a causal axis; GQA.
+    ((4, 6, 6), (3, 2, 3), 1, (1, 2, 1), (False, False, True), None, 2, 1,
+     64, 64, jnp.bfloat16),
+]
+
+
+def _plan(spatial, kernel, dilation, stride, causal, tile):
+  r = len(spatial)
+  per = lambda x: tuple(x) if isinstance(x, tuple) else (x,) * r
+  if tile is None:
+    groups = tuple(-(-n // d) for n, d in zip(spatial, per(dilation)))
+    tile = plan_lib.default_tile_shape(groups, na.BLOCK)
+  return plan_lib.neighborhood_plan(spatial, per(kernel), per(dilation),
+                                    per(stride), per(causal), tile)
+
+
+def test_cases_cover_interior_and_masked_pairs():
+  flags = np.concatenate([_plan(*c[:6]).kv_interior.reshape(-1)
+                          for c in _CASES])
+  assert flags.any() and not flags.all()
+
+
+def test_default_tiles_hold_64_tokens():
+  assert plan_lib.default_tile_shape((128, 128), na.BLOCK) == (8, 8)
+  assert plan_lib.default_tile_shape((16, 32, 32), na.BLOCK) == (4, 4, 4)
+  assert plan_lib.default_tile_shape((5000,), na.BLOCK) == (64,)
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,stride,causal,tile,h,hkv,d,dv,dtype", _CASES)
+def test_interpret_matches_oracle(spatial, kernel, dilation, stride, causal,
+                                  tile, h, hkv, d, dv, dtype):
+  q, k, v, w = _inputs(spatial, h=h, hkv=hkv, d=d, dv=dv, dtype=dtype)
+  r = len(spatial)
+  per = lambda x: tuple(x) if isinstance(x, tuple) else (x,) * r
+  opts = dict(kernel_size=per(kernel), dilation=per(dilation),
+              stride=per(stride), is_causal=per(causal), scale=d ** -0.5)
+  o, grads = _value_and_grads(
+      lambda q, k, v: na.neighborhood_attention(
+          q, k, v, interpret=True, tile_shape=tile, **opts), q, k, v, w)
+  assert o.shape == (1, *spatial, h, dv) and o.dtype == dtype
+  want_o, want_grads = _value_and_grads(
+      lambda q, k, v: oracle.neighborhood_attention(q, k, v, **opts),
+      *_f32(q, k, v), w)
+  _check_close(o, want_o, "o")
+  for name, x, g, g_ref in zip(("dq", "dk", "dv"), (q, k, v), grads,
+                               want_grads):
+    assert g.shape == x.shape and g.dtype == dtype, name
+    _check_close(g, g_ref, name)
+
+
+def test_interpret_lse():
+  spatial, opts = (9, 11), dict(kernel_size=(3, 4), dilation=(1, 2),
+                                stride=(1, 1), is_causal=(True, False),
+                                scale=0.125)
+  q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=1)
+  o, lse = na.forward_with_lse(q, k, v, interpret=True, **opts)
+  mask = oracle.neighborhood_mask(spatial, **{
+      n: opts[n] for n in ("kernel_size", "dilation", "stride", "is_causal")})
+  qf, kf = (np.asarray(x, np.float64).reshape(99, -1, 64) for x in (q, k))
+  s = np.einsum("ihd,jd->hij", qf, kf[:, 0]) * 0.125
+  s = np.where(mask, s, -np.inf)
+  want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+  assert lse.shape == (1, *spatial, 2) and lse.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(lse).reshape(99, 2), want.T,
+                             rtol=0, atol=5e-2)
+  _check_close(o, oracle.neighborhood_attention(*_f32(q, k, v), **opts), "o")
+
+
+def test_interpret_reads_only_listed_tiles():
+  # 24 x 16 tokens in 8 x 8 tiles (3 x 2), kernel 3: query tile 0 lists the
+  # four tiles of rows 0..15 only. NaN keys/values in rows 16..23 would
+  # reach its outputs through any step that loaded or computed an unlisted
+  # tile (0 * NaN = NaN); they must stay finite and exact.
+  spatial, opts = (24, 16), dict(kernel_size=(3, 3), dilation=(1, 1),
+                                 stride=(1, 1), is_causal=(False, False),
+                                 scale=0.125)
+  plan = _plan(spatial, 3, 1, 1, False, (8, 8))
+  listed = plan.kv_tiles[0, :plan.kv_count[0]]
+  assert sorted(listed.tolist()) == [0, 1, 2, 3]
+  q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=2)
+  poison = lambda x: x.at[:, 16:].set(jnp.nan)
+  o = na.neighborhood_attention(q, poison(k), poison(v), interpret=True,
+                                tile_shape=(8, 8), **opts)
+  want = oracle.neighborhood_attention(*_f32(q, k, v), **opts)
+  _check_close(o[:, :8, :8], want[:, :8, :8], "o of query tile 0")
+  assert np.isnan(np.asarray(o[:, 15:], np.float32)).any()
+
+
+# --------------------------------------------------------------- lowering ---
+
+
+def _export(fn, spatial, h=16, hkv=16, d=128, dv=128, dtype=jnp.bfloat16):
+  sds = jax.ShapeDtypeStruct
+  args = (sds((2, *spatial, h, d), dtype), sds((2, *spatial, hkv, d), dtype),
+          sds((2, *spatial, hkv, dv), dtype))
+  return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
+
+
+def _na(spatial, kernel, dilation=1, stride=1, causal=False, scale=0.088):
+  r = len(spatial)
+  return lambda q, k, v: na.neighborhood_attention(
+      q, k, v, kernel_size=(kernel,) * r, dilation=(dilation,) * r,
+      stride=(stride,) * r, is_causal=(causal,) * r, scale=scale)
+
+
+def _vjp(fn):
+  def run(q, k, v):
+    o, pull = jax.vjp(fn, q, k, v)
+    return (o, *pull(jnp.ones_like(o)))
+  return run
+
+
+_TARGETS = [((128, 128), 7, 2), ((128, 128), 13, 2), ((16, 32, 32), 7, 1)]
+
+
+@pytest.mark.parametrize("spatial,kernel,dilation", _TARGETS)
+def test_forward_and_vjp_lower_for_cuda(spatial, kernel, dilation):
+  fn = _na(spatial, kernel, dilation)
+  exported = _export(fn, spatial)
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 1
+  (out,) = exported.out_avals
+  assert out.shape == (2, *spatial, 16, 128) and out.dtype == jnp.bfloat16
+  exported = _export(_vjp(fn), spatial)
+  # forward (with lse), dq and dk/dv kernels.
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 3
+  assert [a.shape for a in exported.out_avals] == [(2, *spatial, 16, 128)] * 4
+
+
+def test_gqa_causal_stride_lowers_for_cuda():
+  # GQA: dk/dv leave the kernel in float32 per query head; D != V; f16.
+  fn = _na((40, 72), 9, dilation=2, stride=3, causal=True)
+  exported = _export(_vjp(fn), (40, 72), h=8, hkv=2, d=64, dv=128,
+                     dtype=jnp.float16)
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 3
+  assert [a.shape for a in exported.out_avals] == [
+      (2, 40, 72, 8, 128), (2, 40, 72, 8, 64), (2, 40, 72, 2, 64),
+      (2, 40, 72, 2, 128)]
+
+
+# -------------------------------------------------------------- validation ---
+
+
+@pytest.mark.parametrize("case,match", [
+    ("float32", r"q.dtype is 'float32'; expected bfloat16 or float16"),
+    ("head_dim", r"q.shape\[-1\] \(D\) is 96"),
+    ("v_dim", r"v.shape\[-1\] \(V\) is 32"),
+    ("groups", r"\(Hkv\) is 2; expected a divisor of H=3"),
+    ("k_shape", r"k.shape is \(1, 8, 9, 2, 64\)"),
+    ("mixed", r"k.dtype/v.dtype"),
+    ("rank", r"q.shape is \(1, 64, 64\)"),
+    ("tile", r"tile_shape is \(4, 8\); expected tokens per axis of volume 64"),
+    ("kernel", r"kernel_size"),
+    ("causal", r"is_causal is \(0, 1\)"),
+    ("scale", r"scale is None"),
+])
+def test_rejects_bad_inputs(case, match):
+  spatial, h, hkv, d, dv, dtype = (8, 8), 4, 2, 64, 64, jnp.bfloat16
+  kw = dict(kernel_size=(3, 3), dilation=(1, 1), stride=(1, 1),
+            is_causal=(False, False), scale=0.125)
+  if case == "float32":
+    dtype = jnp.float32
+  elif case == "head_dim":
+    d = 96
+  elif case == "v_dim":
+    dv = 32
+  elif case == "groups":
+    h = 3
+  elif case == "tile":
+    kw["tile_shape"] = (4, 8)
+  elif case == "kernel":
+    kw["kernel_size"] = (3, 9)
+  elif case == "causal":
+    kw["is_causal"] = (0, 1)
+  elif case == "scale":
+    kw["scale"] = None
+  q = jnp.zeros((1, *spatial, h, d), dtype)
+  k = jnp.zeros((1, 8, 9 if case == "k_shape" else 8, hkv, d), dtype)
+  v = jnp.zeros((1, 8, 9 if case == "k_shape" else 8, hkv, dv),
+                jnp.float16 if case == "mixed" else dtype)
+  if case == "rank":
+    q = jnp.zeros((1, 64, 64), dtype)
+  with pytest.raises(ValueError, match=match):
+    na.neighborhood_attention(q, k, v, **kw)
+
+
+def test_supports():
+  assert na.supports(128, 128, jnp.bfloat16)
+  assert na.supports(64, 128, jnp.float16)
+  assert not na.supports(96, 96, jnp.bfloat16)
+  assert not na.supports(128, 128, jnp.float32)
+
+
+# ------------------------------------------------------------- on the GPU ---
+
+
+@gpu_only
+@pytest.mark.parametrize("spatial,kernel,dilation,causal,hkv", [
+    ((64, 96), 7, 2, False, 4),
+    ((64, 64), 13, 1, True, 2),
+    ((16, 32, 32), 7, 1, False, 4),
+])
+def test_gpu_matches_xla(spatial, kernel, dilation, causal, hkv):
+  h, d = 4, 128
+  q, k, v, w = _inputs(spatial, h=h, hkv=hkv, d=d, dv=d, b=2, seed=3)
+  opts = dict(kernel_size=kernel, dilation=dilation, stride=1,
+              is_causal=causal, scale=d ** -0.5)
+  o, grads = jax.jit(lambda q, k, v: _value_and_grads(
+      lambda q, k, v: na.neighborhood_attention(q, k, v, **opts),
+      q, k, v, w))(q, k, v)
+  with jax.default_matmul_precision("highest"):   # no TF32 in the reference
+    want_o, want_grads = jax.jit(lambda q, k, v: _value_and_grads(
+        lambda q, k, v: al.neighborhood_attention(
+            q, k, v, implementation="xla", **opts), q, k, v, w))(
+                *_f32(q, k, v))
+  assert o.shape == (2, *spatial, h, d) and o.dtype == jnp.bfloat16
+  _check_close(o, want_o, "o")
+  for name, g, g_ref in zip(("dq", "dk", "dv"), grads, want_grads):
+    _check_close(g, g_ref, name)
