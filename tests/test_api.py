@@ -74,11 +74,11 @@ def test_jit_vmap_grad(name):
 KERNELS = {"linear_attention": {"mosaic_tpu"}, "linear_attention_gated": {"mosaic_tpu"},
            "sliding_window_attention": {"mosaic_tpu"},
            "neighborhood_attention_2d": {"mosaic_tpu"},
-           "sigmoid_attention": {"mosaic_tpu"}}
+           "sigmoid_attention": {"mosaic_tpu"}, "attention_scan": {"mosaic_tpu"}}
 REFUSED = {"linear_attention": {"mosaic_gpu"}, "linear_attention_gated": {"mosaic_gpu"},
            "sliding_window_attention": {"mosaic_gpu"},
            "neighborhood_attention_2d": {"mosaic_gpu"},
-           "sigmoid_attention": {"mosaic_gpu"}}
+           "sigmoid_attention": {"mosaic_gpu"}, "attention_scan": {"mosaic_gpu"}}
 
 
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))

@@ -42,6 +42,8 @@ import numpy as np
 
 from attnlib.ops import _checks
 from attnlib.ops import _dispatch
+from kernels_pallas.attention_scan import mosaic_gpu as scan_gpu
+from kernels_pallas.attention_scan import tpu as scan_tpu
 
 _OP = "al.attention_scan"
 _STEP_OP = "al.attention_scan_step"
@@ -233,8 +235,15 @@ def attention_scan(
     initial_state: None (nothing seen) or an ``AttentionScanState`` with
       float32 fields m [B, H], u [B, H], w [B, H, V].
     return_final_state: also return the state after the last token.
-    implementation: None or "xla" (see ``attnlib.ops._dispatch``).
-    interpret: Pallas interpret mode (no kernel exists yet).
+    implementation: None (the kernel of the platform when the call fits
+      it: mosaic_tpu on TPU, mosaic_gpu on a Hopper GPU; else "xla"), "xla",
+      "mosaic_tpu" (kernels_pallas/attention_scan/tpu.py: f32/bf16, D, V up
+      to 256, zero-padded to 128/256) or "mosaic_gpu" (.../mosaic_gpu.py,
+      Hopper: bf16/f16, D, V up to 128, zero-padded to 64/128). Both run the
+      blocked scan forward and its reverse scan backward as Pallas kernels.
+    interpret: Pallas interpret mode for kernel backends (TPU semantics for
+      mosaic_tpu, Mosaic GPU's interpreter for mosaic_gpu); with
+      implementation=None it picks mosaic_tpu when the call fits it.
 
   Returns:
     o [B, T, H, V] in q.dtype, or ``(o, final_state)`` when
@@ -246,9 +255,8 @@ def attention_scan(
       heads not a multiple of kv heads, T == 0, q/k/v dtypes differing or not
       floating, a non-finite or non-numeric scale, an initial_state that is not
       an AttentionScanState of float32 arrays of the shapes above (or, when
-      concrete, with NaN/+inf in m or negative u), a non-bool option, or an
-      unknown implementation.
-    NotImplementedError: implementation="mosaic_tpu"/"mosaic_gpu".
+      concrete, with NaN/+inf in m or negative u), a non-bool option, an
+      unknown implementation, or a named kernel that does not fit the call.
   """
   _check_qkv(_OP, q, k, v, scale, seq=True)
   batch, heads, v_dim = k.shape[0], q.shape[-2], v.shape[-1]
@@ -256,10 +264,45 @@ def attention_scan(
     _check_state(_OP, "initial_state", initial_state, batch, heads, v_dim,
                  check_values=True)
   _checks.check_bool(_OP, "return_final_state", return_final_state)
-  impl = _dispatch.select(_OP, implementation, {"xla": _attention_scan_xla},
-                          interpret)
-  o, final_state = impl(q, k, v, _checks.default_scale(q.shape[-1], scale), initial_state)
+  impl = _dispatch.select(
+      _OP, implementation,
+      _dispatch.padded_kernels(_OP, implementation, _attention_scan_xla, k, v,
+                               interpret, _KERNELS),
+      interpret)
+  kwargs = {} if impl is _attention_scan_xla else {"interpret": interpret}
+  o, final_state = impl(q, k, v, _checks.default_scale(q.shape[-1], scale),
+                        initial_state, **kwargs)
   return (o, final_state) if return_final_state else o
+
+
+def _kernel_impl(module):
+  """The op's backend signature over a kernel module's `attention_scan`: a
+  shared query broadcast over the batch, the empty state spelled out, head
+  dims zero-padded to ones the kernels take (zero columns change no logit;
+  zero value columns are sliced off, also from the state)."""
+  @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+  def impl(q, k, v, scale, initial_state, *, interpret):
+    b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[-1], v.shape[-1]
+    h = q.shape[-2]
+    q = jnp.broadcast_to(q, (b, h, d))
+    if initial_state is None:
+      initial_state = AttentionScanState(
+          m=jnp.full((b, h), -jnp.inf, jnp.float32),
+          u=jnp.zeros((b, h), jnp.float32),
+          w=jnp.zeros((b, h, dv), jnp.float32))
+    dp = _dispatch.padded_dim(d, module.SUPPORTED_HEAD_DIMS)
+    vp = _dispatch.padded_dim(dv, module.SUPPORTED_HEAD_DIMS)
+    pad = _dispatch.pad_last
+    o, m, u, w = module.attention_scan(
+        pad(q, dp), pad(k, dp), pad(v, vp), initial_state.m, initial_state.u,
+        pad(initial_state.w, vp), scale=scale, interpret=interpret)
+    return o[..., :dv], AttentionScanState(m=m, u=u, w=w[..., :dv])
+  return impl
+
+
+# Kernel backends: name -> (the op's implementation, kernel module).
+_KERNELS = {"mosaic_tpu": (_kernel_impl(scan_tpu), scan_tpu),
+            "mosaic_gpu": (_kernel_impl(scan_gpu), scan_gpu)}
 
 
 def _attention_scan_xla(

@@ -412,9 +412,20 @@ def test_implementation():
   np.testing.assert_array_equal(
       al.attention_scan(q, k, v, implementation="xla"),
       al.attention_scan(q, k, v))
-  for name in ("mosaic_tpu", "mosaic_gpu"):
-    with pytest.raises(NotImplementedError, match="al.attention_scan"):
-      al.attention_scan(q, k, v, implementation=name)
+  # The TPU kernel (TPU interpret mode) takes these float32 inputs; the
+  # Mosaic GPU kernel 16-bit ones only (tests/kernels has both in depth).
+  np.testing.assert_allclose(
+      al.attention_scan(q, k, v, implementation="mosaic_tpu", interpret=True),
+      al.attention_scan(q, k, v), **F32_TOL)
+  with pytest.raises(ValueError, match="implementation='mosaic_gpu'"):
+    al.attention_scan(q, k, v, implementation="mosaic_gpu", interpret=True)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  got = al.attention_scan(q16, k16, v16, implementation="mosaic_gpu",
+                          interpret=True)
+  want = al.attention_scan(q16, k16, v16, implementation="xla")
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------
