@@ -193,6 +193,23 @@ def test_interpret_never_touches_tiles_outside_range():
   assert np.isnan(np.asarray(o[:, 64:192], np.float32)).any()
 
 
+def test_interpret_dkv_skips_the_other_warpgroups_tiles():
+  # Causal window 10, T = 512: the dk/dv CTA of key tiles 0 and 1 streams
+  # query tiles 0..2; key tile 0's warpgroup reaches only 0 and 1 and must
+  # skip tile 2. NaN queries in tile 2 (rows 128..191) then leave dk, dv of
+  # keys 0..63 exact, while keys 64..191 (which those queries see) get NaN.
+  t, left = 512, 10
+  q, k, v, w = _inputs(t, 2, 1, 64, jnp.bfloat16, seed=7)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=0, scale=0.125, interpret=True)
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=0.125)
+  _, dk, dv = _grads(fn, q.at[:, 128:192].set(jnp.nan), k, v, w)
+  _, dk_ref, dv_ref = _grads(ref, q, k, v, w)
+  for name, g, g_ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+    _check_close(g[:, :64], g_ref[:, :64], f"{name}[:64]")
+    assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
+
+
 def test_interpret_tiny_t():
   # T = 5 < one block: 59 padded keys masked, 59 padded queries sliced off.
   q, k, v, _ = _inputs(5, 4, 2, 64, jnp.bfloat16, seed=3)

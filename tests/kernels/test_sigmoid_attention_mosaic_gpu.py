@@ -121,6 +121,24 @@ def test_interpret_skipped_tiles_are_never_used():
   assert np.isnan(np.asarray(o[:, 128:256], np.float32)).any()
 
 
+def test_interpret_dkv_skips_the_other_warpgroups_tiles():
+  # As the softmax kernels' test: causal window 10, T = 512; NaN queries in
+  # tile 2 reach keys 64..191 only, so dk, dv of keys 0..63 (whose
+  # warpgroup shares a CTA, and the streamed tile 2, with key tile 1) stay
+  # exact.
+  t, left = 512, 10
+  q, k, v, w, bias = _inputs(t, t, 2, 1, 64, 64, jnp.bfloat16, seed=7)
+  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
+      q, k, v, b, left=left, right=0, scale=0.125, interpret=True)
+  ref = lambda q, k, v, b: oracle(q, k, v, bias=b, scale=0.125, left=left,
+                                  right=0)
+  _, dk, dv, _ = _grads(fn, q.at[:, 128:192].set(jnp.nan), k, v, bias, w)
+  _, dk_ref, dv_ref, _ = _grads(ref, q, k, v, bias, w)
+  for name, g, g_ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+    _check_close(g[:, :64], g_ref[:, :64], f"{name}[:64]")
+    assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
+
+
 # --------------------------------------------------------------- lowering ---
 
 
