@@ -259,7 +259,8 @@ def test_lowers_to_mosaic(t, d, causal):
 
 def test_other_shapes_lower():
   cases = [  # (args, left, right)
-      (_args(16384, 128), 511, 0),  # sliding window
+      (_args(16384, 128), 511, 0),  # sliding window (512-token tiles)
+      (_args(16384, 128), 100, 0),  # narrow window: the 128-token tiles
       (_args(4096, 128, dtype=jnp.float32, dv=256), 100, 31),
       (_args(1000, 256, dtype=jnp.float16, h=8, hkv=1, dv=64), None, None),
       (_args(1000, 64, tk=3000, dv=128), None, None),  # Tq != Tk
