@@ -42,7 +42,8 @@ import numpy as np
 import attnlib as al
 
 OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
-       "sigmoid_attention", "attention_scan", "dot_product_attention")
+       "sigmoid_attention", "attention_scan", "attention_scan_step",
+       "dot_product_attention")
 YARDSTICKS = ("cudnn_softmax", "xla_softmax")
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
@@ -194,6 +195,24 @@ def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
     flops = 2.0 * b * t * h * (d + dv)
     return _Problem((q1, k, v), call, b * t, flops, softmax_flops, softmax_kwargs, (b, t))
 
+  if op == "attention_scan_step":
+    # One decode step after a prefix of seq_len tokens: the state the prefix
+    # leaves is [B, H] + [B, H] + [B, H, V] floats whatever seq_len is, so the
+    # step's time and memory should not depend on it.
+    q1 = rand(kq, (b, h, d))
+    _, state = al.attention_scan(q1, k, v, return_final_state=True, implementation="xla")
+    k1, v1 = k[:, -1], v[:, -1]
+    del k, v
+    def call(m, u, w, q, k, v, implementation=None, interpret=False):
+      del interpret
+      if implementation != "xla":
+        raise NotImplementedError(f"attention_scan_step has no {implementation!r} backend")
+      o, new = al.attention_scan_step(al.AttentionScanState(m, u, w), q, k, v)
+      return o, new.w
+    flops = 2.0 * b * h * (d + dv)
+    return _Problem((state.m, state.u, state.w, q1, k1, v1), call, b, flops,
+                    softmax_flops, softmax_kwargs, (b, t))
+
   raise app.UsageError(f"--op={op!r}: expected one of {OPS}.")
 
 
@@ -266,6 +285,10 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
     args, flops = problem.args, problem.flops
   fn = _timed_fn(call, len(args))
   seconds = _time(fn, args)
+  # The least HBM traffic of one forward call: every input read once, every
+  # output written once (a roofline for memory-bound ops such as the scan).
+  outs = jax.eval_shape(call, *args)
+  hbm_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves((args, outs)))
   if _MODE.value == "fwd_bwd":
     flops *= 3.5  # backward ~2.5x the forward's matmuls (FlashAttention's convention)
   return {
@@ -274,13 +297,14 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
       "head_dim": _HEAD_DIM.value, "v_dim": _V_DIM.value or _HEAD_DIM.value,
       "dtype": _DTYPE.value, "mode": _MODE.value, "causal": _CAUSAL.value,
       "ms": seconds * 1e3, "tokens_per_s": problem.tokens / seconds,
-      "tflops": flops / seconds / 1e12, **_memory(fn, args),
+      "tflops": flops / seconds / 1e12, "hbm_bytes": hbm_bytes,
+      "fwd_io_gbps": hbm_bytes / seconds / 1e9, **_memory(fn, args),
   }
 
 
 def _print_table(rows: list[dict], implementations: list[str]) -> None:
   header = (f"{'seq_len':>8} {'implementation':>15} {'ms':>10} {'Mtok/s':>10} {'TFLOP/s':>9} "
-            f"{'speedup':>8} {'mem GiB':>8}")
+            f"{'speedup':>8} {'mem GiB':>8} {'io GB/s':>8}")
   print(header)
   print("-" * len(header))
   for seq_len in sorted({r["seq_len"] for r in rows}):
@@ -298,7 +322,7 @@ def _print_table(rows: list[dict], implementations: list[str]) -> None:
       mem = r.get("footprint_bytes")
       mem = f"{mem / 2**30:>8.2f}" if mem is not None else f"{'-':>8}"
       print(f"{seq_len:>8} {impl:>15} {r['ms']:>10.3f} {r['tokens_per_s'] / 1e6:>10.2f} "
-            f"{r['tflops']:>9.2f} {ratio:>8.2f} {mem}")
+            f"{r['tflops']:>9.2f} {ratio:>8.2f} {mem} {r['fwd_io_gbps']:>8.1f}")
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:

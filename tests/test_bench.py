@@ -29,6 +29,7 @@ _SMOKE = {
     "neighborhood_attention": ["--spatial_dims=2", "--kernel_size=3", "--seq_len=6"],
     "sigmoid_attention": [],
     "attention_scan": [],
+    "attention_scan_step": [],
     "dot_product_attention": [],
 }
 

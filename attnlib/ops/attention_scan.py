@@ -239,7 +239,7 @@ def attention_scan(
       it: mosaic_tpu on TPU, mosaic_gpu on a Hopper GPU; else "xla"), "xla",
       "mosaic_tpu" (kernels_pallas/attention_scan/tpu.py: f32/bf16, D, V up
       to 256, zero-padded to 128/256) or "mosaic_gpu" (.../mosaic_gpu.py,
-      Hopper: bf16/f16, D, V up to 128, zero-padded to 64/128). Both run the
+      Hopper: bf16/f16, D, V up to 256, zero-padded to 64/128/256). Both run the
       blocked scan forward and its reverse scan backward as Pallas kernels.
     interpret: Pallas interpret mode for kernel backends (TPU semantics for
       mosaic_tpu, Mosaic GPU's interpreter for mosaic_gpu); with

@@ -79,6 +79,20 @@ With GQA each query head has its own CTA and re-reads its kv head (from L2
 when the group's CTAs run together); arg max ties go to the first one (jax
 splits them).
 
+Head dims of 256. One kernel call takes D, V <= 128 (its [64, V] float32
+carry and accumulator fill a warpgroup's registers). `attention_scan`
+composes wider calls from narrower ones, exactly:
+  * V = 256: the scan is independent per value column given the logits, so
+    two calls take v[..., :128] and v[..., 128:] (and the halves of w0) and
+    the outputs are concatenated; m and u are the same in both.
+  * D = 256: the logits s = scale q . k [B, T, H] are computed by XLA in
+    float32, then fed to a call with D = 64 as k'[..., 0:3] = the three
+    16-bit parts hi + mid + lo of s (~24 bits, float32's precision; the
+    wgmma sums them in float32) against q' = (1, 1, 1, 0, ...), scale 1 and
+    one kv head per query head (v repeated over the group). Autodiff carries
+    ds from dk'[..., lo] back through the einsum to q and k (hi and mid are
+    stop-gradient). Costs an extra read of k and, with GQA, G copies of v.
+
 Interpret mode (`interpret=True`, Mosaic GPU's CPU interpreter, jax 0.11.2)
 runs the same kernels with the differences common.py describes: register
 wgmma A operands go through SMEM and accumulators start at zero.
@@ -97,7 +111,8 @@ import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)  # 256 composed of narrower calls
+_KERNEL_DIMS = (64, 128)               # what one kernel call takes
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _C = 64                   # tokens per chunk
 _MASK = common.MASK       # masked logit: finite, so never inf - inf
@@ -508,10 +523,45 @@ def attention_scan(q, k, v, m0, u0, w0, *, scale, interpret=False):
 
   Raises:
     ValueError: a non-array, wrong rank/shape, dtype other than bf16/f16
-      (float32 included) or mixed, D or V not in (64, 128), H not a multiple
+      (float32 included) or mixed, D or V not in (64, 128, 256), H not a multiple
       of Hkv, a state that is not float32 of the shapes above, a bad scale.
   """
   _check(q, k, v, m0, u0, w0, scale)
+  half = _KERNEL_DIMS[-1]
+  if q.shape[-1] > half:    # logits by XLA, passed as a D = 64 surrogate key
+    q1, k1, v1 = _logit_surrogate(q, k, v, scale)
+    return attention_scan(q1, k1, v1, m0, u0, w0, scale=1.0,
+                          interpret=interpret)
+  if v.shape[-1] > half:    # two calls over the halves of the value columns
+    o1, m, u, w1 = attention_scan(q, k, v[..., :half], m0, u0, w0[..., :half],
+                                  scale=scale, interpret=interpret)
+    o2, _, _, w2 = attention_scan(q, k, v[..., half:], m0, u0, w0[..., half:],
+                                  scale=scale, interpret=interpret)
+    return (jnp.concatenate([o1, o2], -1), m, u, jnp.concatenate([w1, w2], -1))
+  return _attention_scan_narrow(q, k, v, m0, u0, w0, scale, interpret)
+
+
+def _logit_surrogate(q, k, v, scale):
+  """(q', k', v') with q' . k'_j = scale q . k_j to ~24 bits, D' = 64, one kv
+  head per query head (module docstring, "Head dims of 256")."""
+  b, h, _ = q.shape
+  t, hkv = k.shape[1], k.shape[2]
+  g = h // hkv
+  qg = q.reshape(b, hkv, g, -1).astype(jnp.float32)
+  s = scale * jnp.einsum("bngd,btnd->btng", qg, k.astype(jnp.float32),
+                         precision=lax.Precision.HIGHEST).reshape(b, t, h)
+  hi = lax.stop_gradient(s).astype(q.dtype)
+  mid = (lax.stop_gradient(s) - hi.astype(jnp.float32)).astype(q.dtype)
+  lo = (s - lax.stop_gradient(hi.astype(jnp.float32) + mid.astype(jnp.float32))
+        ).astype(q.dtype)
+  k1 = jnp.zeros((b, t, h, _KERNEL_DIMS[0]), q.dtype)
+  k1 = k1.at[..., 0].set(hi).at[..., 1].set(mid).at[..., 2].set(lo)
+  q1 = jnp.zeros((b, h, _KERNEL_DIMS[0]), q.dtype).at[..., :3].set(1)
+  return q1, k1, jnp.repeat(v, g, axis=2)
+
+
+def _attention_scan_narrow(q, k, v, m0, u0, w0, scale, interpret):
+  """`attention_scan` for D, V in _KERNEL_DIMS: one forward kernel call."""
   t = k.shape[1]
   tp = -(-t // _C) * _C
   if tp != t:

@@ -139,6 +139,10 @@ _CASES = [
     (1, 150, 2, 1, 64, 128, jnp.bfloat16, "empty"),
     (1, 64, 2, 2, 128, 64, jnp.float16, "empty"),
     (1, 70, 1, 1, 64, 64, jnp.bfloat16, "dominant"),
+    # Head dims of 256: composed calls (the logit surrogate, value halves).
+    (1, 70, 2, 1, 256, 64, jnp.bfloat16, "random"),
+    (1, 40, 2, 2, 64, 256, jnp.bfloat16, "empty"),
+    (1, 33, 2, 1, 256, 256, jnp.float16, "random"),
 ]
 
 
@@ -200,6 +204,20 @@ def test_interpret_huge_logits():
   for name, g, g_ref in zip(_GRAD_NAMES, grads,
                             _grads(_xla(scale), args, cts)):
     _check_close(g, g_ref, name)
+
+
+def test_interpret_huge_logits_wide_keys():
+  # D = 256 (the logit surrogate): logits ~1e4 keep float32-like precision.
+  scale = 256 ** -0.5
+  qkv, st, cts = _inputs(1, 50, 2, 1, 256, 64, jnp.bfloat16, "empty",
+                         seed=5, q_scale=1e3)
+  args = qkv + st
+  outs = _kernel(scale)(*args)
+  assert float(jnp.max(jnp.abs(outs[1]))) > 1e3
+  for name, x, r in zip(_NAMES, outs, _numpy_f64(*args, scale)):
+    _check_close(x, r, name)
+  # m is the max logit itself: the surrogate must carry it to ~1e-6 relative.
+  np.testing.assert_allclose(outs[1], _numpy_f64(*args, scale)[1], rtol=1e-6)
 
 
 def test_interpret_many_short_sequences():
@@ -264,6 +282,16 @@ def test_vjp_lowers_for_cuda(t):
                     (8, 16), (8, 16), (8, 16, 128)]
 
 
+def test_wide_head_dims_lower_for_cuda():
+  # D = V = 256: the surrogate call and two value halves, forward and vjp.
+  fn = _kernel(256 ** -0.5, interpret=False)
+  assert _count(_export(fn, 4096, b=2, h=8, hkv=2, d=256, dv=256)) == 2
+  grad = lambda *a: _grads(fn, a, (1.0, 1.0, 1.0, 1.0))
+  exported = _export(grad, 4096, b=2, h=8, hkv=2, d=256, dv=256)
+  assert _count(exported) == 4
+  assert exported.out_avals[1].shape == (2, 4096, 2, 256)
+
+
 def test_vjp_lowers_for_cuda_gqa_t_not_multiple():
   fn = _kernel(0.1, interpret=False)
   grad = lambda *a: _grads(fn, a, (1.0, 1.0, 1.0, 1.0))
@@ -307,7 +335,9 @@ def test_rejects_bad_inputs(case, match):
 def test_supports():
   assert scan_gpu.supports(128, 128, jnp.bfloat16)
   assert scan_gpu.supports(64, 128, jnp.float16)
+  assert scan_gpu.supports(256, 64, jnp.bfloat16)
   assert not scan_gpu.supports(96, 128, jnp.bfloat16)
+  assert not scan_gpu.supports(128, 512, jnp.bfloat16)
   assert not scan_gpu.supports(128, 128, jnp.float32)
 
 
@@ -315,11 +345,12 @@ def test_supports():
 
 
 @gpu_only
-@pytest.mark.parametrize("t,hkv,state", [(4096, 4, "empty"),
-                                         (3000, 2, "random")])
-def test_gpu_matches_xla(t, hkv, state):
-  scale = 128 ** -0.5
-  qkv, st, cts = _inputs(2, t, 4, hkv, 128, 128, jnp.bfloat16, state)
+@pytest.mark.parametrize("t,hkv,d,state", [(4096, 4, 128, "empty"),
+                                           (3000, 2, 128, "random"),
+                                           (2000, 2, 256, "random")])
+def test_gpu_matches_xla(t, hkv, d, state):
+  scale = d ** -0.5
+  qkv, st, cts = _inputs(2, t, 4, hkv, d, d, jnp.bfloat16, state)
   args = qkv + st
   fn = jax.jit(_kernel(scale, interpret=False))
   for name, x, r in zip(_NAMES, fn(*args), _xla(scale)(*args)):

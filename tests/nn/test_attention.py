@@ -12,6 +12,7 @@ from flax import nnx
 
 import attnlib as al
 from attnlib import nn as aln
+from tests.oracles import attention_scan as scan_oracle
 from tests.oracles import linear_attention as linear_oracle
 from tests.oracles import sigmoid_attention as sigmoid_oracle
 from tests.oracles import sliding_window as window_oracle
@@ -455,3 +456,172 @@ def test_attention_fn_rejects():
   with pytest.raises(ValueError, match="dropout_rate=0.1"):
     fn(q, q, q, dropout_rate=0.1)
   assert fn(q, q, q, dropout_rate=0.1, deterministic=True).shape == q.shape
+
+
+# --------------------------------------------------------------------- aaren
+
+
+def _aaren_np(layer, x):
+  """float64 NumPy Aaren layer: for every t a softmax of the learned query's
+  logits over the prefix 0..t (no running max, no scan)."""
+  x = np.asarray(x, np.float64)
+  kernel = lambda p: np.asarray(p[...], np.float64)  # noqa: E731
+  query = kernel(layer.query)                                    # [H, D]
+  k = np.einsum("bte,ehd->bthd", x, kernel(layer.k.kernel))
+  v = np.einsum("bte,ehd->bthd", x, kernel(layer.v.kernel))
+  groups = H // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  s = np.einsum("hd,bthd->bth", query, k) / np.sqrt(D)           # [B, T, H]
+  o = np.empty(v.shape)
+  for t in range(x.shape[1]):
+    p = np.exp(s[:, :t + 1] - s[:, :t + 1].max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    o[:, t] = np.einsum("bjh,bjhd->bhd", p, v[:, :t + 1])
+  return np.einsum("bthd,hde->bte", o, kernel(layer.o.kernel))
+
+
+AAREN = C(kind="aaren")
+
+
+@pytest.mark.parametrize("hkv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_aaren_matches_float64_numpy(hkv):
+  layer = _layer(AAREN, hkv=hkv)
+  x = _x()
+  np.testing.assert_allclose(_apply(layer, x), _aaren_np(layer, x),
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_aaren_parameters_and_axes():
+  layer = _layer(AAREN)
+  assert layer.q is None and layer.query.shape == (H, D)
+  assert layer.query.dtype == jnp.float32
+  assert layer.query.get_metadata()["out_sharding"] == ("heads", "head_dim")
+  names = {tuple(str(k.key) for k in path if hasattr(k, "key"))
+           for path, _ in jax.tree_util.tree_leaves_with_path(
+               nnx.state(layer, nnx.Param))}
+  assert names == {("query",), ("k", "kernel"), ("v", "kernel"),
+                   ("o", "kernel")}
+  bf16 = _layer(AAREN, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  assert bf16.query.dtype == jnp.bfloat16
+  out = _apply(bf16, _x(dtype=jnp.bfloat16))
+  assert out.shape == (B, T, E) and out.dtype == jnp.bfloat16
+  assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+def test_aaren_is_causal_and_first_output_is_v0():
+  layer = _layer(AAREN)
+  x = _x()
+  t = 4
+  x2 = x.at[:, t + 1:].set(_x(seed=7)[:, t + 1:])
+  out, out2 = jnp.split(_apply(layer, jnp.concatenate([x, x2])), 2)
+  np.testing.assert_allclose(out[:, :t + 1], out2[:, :t + 1], atol=1e-6,
+                             rtol=1e-6)
+  assert not np.allclose(out[:, t + 1:], out2[:, t + 1:])
+  # At t = 0 the softmax has one term: the output is the projected v_0.
+  v0 = jnp.repeat(layer.v(x[:, :1]), H // 2, axis=2)
+  np.testing.assert_allclose(out[:, :1], layer.o(v0), atol=1e-6, rtol=1e-5)
+
+
+def test_aaren_gradients_reach_the_query():
+  graphdef, params, rest = nnx.split(_layer(AAREN), nnx.Param, ...)
+  x = _x()
+
+  def loss(params, x):
+    return jnp.mean(jnp.sin(nnx.merge(graphdef, params, rest)(x)))
+
+  grads, gx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  g = np.asarray(grads["query"][...])
+  assert g.shape == (H, D) and np.all(np.isfinite(g)) and np.any(g != 0)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads) + [("x", gx)]:
+    assert np.all(np.isfinite(leaf)) and np.any(np.asarray(leaf) != 0), path
+  # The gradient of the query matches a finite difference (float64 NumPy).
+  layer = nnx.merge(graphdef, params, rest)
+  direction = np.asarray(jax.random.normal(jax.random.key(9), (H, D)))
+  base = np.asarray(layer.query[...])
+  eps = 1e-4
+  values = []
+  for sign in (1, -1):
+    layer.query[...] = jnp.asarray(base + sign * eps * direction, jnp.float32)
+    values.append(np.mean(np.sin(_aaren_np(layer, x))))
+  np.testing.assert_allclose(np.sum(g * direction),
+                             (values[0] - values[1]) / (2 * eps), rtol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs, field, value, expected", [
+    (dict(kind="aaren", is_causal=False), "is_causal", "False",
+     "True with kind='aaren'"),
+    (dict(kind="aaren", rope=True), "rope", "True", "False with kind='aaren'"),
+    (dict(kind="aaren", window=2), "window", "2", "only kind='sliding_wi"),
+    (dict(kind="aaren", bias=1.0), "bias", "1.0", "only kind='sigmoid'"),
+])
+def test_aaren_config_validation(kwargs, field, value, expected):
+  with pytest.raises(ValueError,
+                     match=rf"{field}={value}, expected .*{expected}"):
+    aln.AttentionConfig(**kwargs)
+
+
+def test_attention_fn_aaren_in_multi_head_attention():
+  mha = _mha(aln.attention_fn("aaren"))
+  x = _x()
+  token = jax.random.normal(jax.random.key(8), (1, 1, E))  # learned query
+  out = mha(token, x)
+  assert out.shape == (B, T, E)
+  q = mha.query(token)[0, 0]                                   # [H, D]
+  k, v = mha.key(x), mha.value(x)
+  o = scan_oracle.attention_scan(q, k, v)
+  np.testing.assert_allclose(out, mha.out(o), **TOL)
+  # A per-example query token [B, 1, E] equal to the shared one: same.
+  np.testing.assert_allclose(mha(jnp.broadcast_to(token, (B, 1, E)), x), out,
+                             **TOL)
+  # The module's is_causal flag changes nothing (a prefix scan is causal).
+  np.testing.assert_allclose(mha(token, x, is_causal=True), out, **TOL)
+
+
+def test_attention_fn_aaren_rejects():
+  fn = aln.attention_fn("aaren")
+  q1 = jnp.zeros((B, 1, H, D))
+  k = jnp.zeros((B, T, H, D))
+  with pytest.raises(ValueError, match=r"query\.shape=\(2, 9, 4, 8\), "
+                                       r"expected \[\.\.\., 1, H, D\]"):
+    fn(k, k, k)
+  with pytest.raises(ValueError, match=r"query\.shape=\(3, 1, 4, 8\), "
+                                       r"expected batch axes broadcastable"):
+    fn(jnp.zeros((3, 1, H, D)), k, k)
+  with pytest.raises(ValueError, match=r"mask=\(2, 1, 1, 9\), expected None"):
+    fn(q1, k, k, mask=jnp.ones((B, 1, 1, T), bool))
+  with pytest.raises(ValueError, match="is_causal=False, expected True"):
+    aln.attention_fn("aaren", is_causal=False)
+
+
+def test_attention_fn_neighborhood_delegates(monkeypatch):
+  """attention_fn("neighborhood", **options) is
+  attnlib.nn.neighborhood.neighborhood_attention_fn(**options), imported on
+  use (here a stand-in module, so that the test does not depend on it)."""
+  import sys
+  import types
+  calls = []
+  fake = types.ModuleType("attnlib.nn.neighborhood")
+  sentinel = object()
+
+  def neighborhood_attention_fn(**options):
+    calls.append(options)
+    return sentinel
+
+  fake.neighborhood_attention_fn = neighborhood_attention_fn
+  monkeypatch.setitem(sys.modules, "attnlib.nn.neighborhood", fake)
+  got = aln.attention_fn("neighborhood", kernel_size=3, dilation=2)
+  assert got is sentinel
+  assert calls == [dict(kernel_size=3, dilation=2)]
+
+
+def test_attention_fn_neighborhood_runs_the_real_layer_fn():
+  neighborhood = pytest.importorskip(
+      "attnlib.nn.neighborhood",
+      reason="attnlib.nn.neighborhood (helper B) not written yet")
+  q, k, v = (jax.random.normal(key, (B, T, H, D))
+             for key in jax.random.split(jax.random.key(10), 3))
+  ours = aln.attention_fn("neighborhood", kernel_size=3, spatial_dims=1)
+  theirs = neighborhood.neighborhood_attention_fn(kernel_size=3,
+                                                  spatial_dims=1)
+  np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), rtol=1e-6,
+                             atol=1e-6)
