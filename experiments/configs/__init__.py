@@ -1,0 +1,1 @@
+"""Configurations shared by the experiment scripts (``experiments/*.py``)."""
