@@ -226,6 +226,11 @@ class LMConfig:
     tie_embeddings: the output head is the transposed token embedding
       (scaled by embed_dim ** -0.5) instead of its own [E, vocab] matrix.
     norm_eps: RMSNorm epsilon, > 0.
+    layer_scale: None, or LayerScale (CaiT): each block's attention and MLP
+      branch is multiplied by a learned per-channel vector [E] initialised to
+      this value (FlashSigmoid's stabiliser for sigmoid attention; e.g. 1e-4).
+    hybrid_norm: an RMSNorm on the attention branch's output before the
+      residual add, x + norm(attn(norm(x))) (FlashSigmoid's hybrid-norm).
 
   Raises:
     ValueError: (at construction) a field with a bad value (non-positive
@@ -247,9 +252,18 @@ class LMConfig:
   param_dtype: Any = jnp.float32
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
+  layer_scale: float | None = None
+  hybrid_norm: bool = False
 
   def __post_init__(self):
     _checks.check_positive_int(_CFG, "vocab_size", self.vocab_size)
+    if self.layer_scale is not None and (
+        not _is_real(self.layer_scale) or not math.isfinite(self.layer_scale)
+        or self.layer_scale <= 0):
+      _checks.fail(_CFG, "layer_scale", self.layer_scale,
+                   "None or a finite number > 0")
+    if not isinstance(self.hybrid_norm, bool):
+      _checks.fail(_CFG, "hybrid_norm", self.hybrid_norm, "a bool")
     _checks.check_positive_int(_CFG, "max_len", self.max_len)
     if not isinstance(self.tie_embeddings, bool):
       _checks.fail(_CFG, "tie_embeddings", self.tie_embeddings, "a bool")
@@ -303,6 +317,11 @@ def _rms_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype: Any,
 class Block(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)).
 
+  Options: ``layer_scale`` multiplies each branch by a learned [E] vector
+  ("embed",) initialised to that value (attn_scale, mlp_scale);
+  ``hybrid_norm`` adds an RMSNorm (attn_out_norm) on the attention branch:
+  x + scale * norm(attn(norm(x))).
+
   ``decode`` is the same map on a chunk that continues the sequence the
   layer's cache summarises (the MLP and norms act per position).
   """
@@ -310,29 +329,48 @@ class Block(nnx.Module):
   def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int,
                head_dim: int, mlp_dim: int, attention: AttentionConfig, *,
                norm_eps: float, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-               param_dtype: Any = jnp.float32):
+               param_dtype: Any = jnp.float32, layer_scale: float | None = None,
+               hybrid_norm: bool = False):
     dt = dict(dtype=dtype, param_dtype=param_dtype)
     self.attn_norm = _rms_norm(embed_dim, norm_eps, rngs, **dt)
     self.attn = Attention(embed_dim, num_heads, num_kv_heads, head_dim,
                           attention, rngs=rngs, **dt)
     self.mlp_norm = _rms_norm(embed_dim, norm_eps, rngs, **dt)
     self.mlp = SwiGLU(embed_dim, mlp_dim, rngs=rngs, **dt)
+    self.attn_out_norm = (_rms_norm(embed_dim, norm_eps, rngs, **dt)
+                          if hybrid_norm else nnx.data(None))
+    self.attn_scale = self.mlp_scale = nnx.data(None)
+    if layer_scale is not None:
+      init = _partitioned(nnx.initializers.constant(layer_scale), (EMBED,))
+      self.attn_scale = nnx.Param(init(rngs.params(), (embed_dim,), param_dtype))
+      self.mlp_scale = nnx.Param(init(rngs.params(), (embed_dim,), param_dtype))
+
+  def _attn_branch(self, y: Array) -> Array:
+    if self.attn_out_norm is not None:
+      y = self.attn_out_norm(y)
+    return y if self.attn_scale is None else y * self.attn_scale[...]
+
+  def _mlp_branch(self, x: Array) -> Array:
+    y = self.mlp(self.mlp_norm(x))
+    return y if self.mlp_scale is None else y * self.mlp_scale[...]
 
   def __call__(self, x: Array) -> Array:
-    x = x + self.attn(self.attn_norm(x))
-    return x + self.mlp(self.mlp_norm(x))
+    x = x + self._attn_branch(self.attn(self.attn_norm(x)))
+    return x + self._mlp_branch(x)
 
   def decode(self, x: Array, cache: Any) -> tuple[Array, Any]:
     y, cache = self.attn.decode(self.attn_norm(x), cache)
-    x = x + y
-    return x + self.mlp(self.mlp_norm(x)), cache
+    x = x + self._attn_branch(y)
+    return x + self._mlp_branch(x), cache
 
 
 def _blocks(cfg: Any, rngs: nnx.Rngs) -> nnx.List:
   return nnx.List([
       Block(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.mlp_dim, layer, norm_eps=cfg.norm_eps, rngs=rngs,
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            layer_scale=getattr(cfg, "layer_scale", None),
+            hybrid_norm=getattr(cfg, "hybrid_norm", False))
       for layer in cfg.layers])
 
 

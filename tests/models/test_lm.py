@@ -357,3 +357,47 @@ def test_kv_cache_grows_with_max_len():
   small, big = model.init_cache(B, 16), model.init_cache(B, 64)
   assert small[0].k.shape[1] == 16 and big[0].k.shape[1] == 64
   assert model.init_cache(B)[0].k.shape[1] == model.config.max_len
+
+
+# ------------------------------------------- LayerScale and hybrid-norm
+
+
+def _stabilised(layer_scale, hybrid_norm):
+  return TransformerLM(
+      _cfg((A(kind="sigmoid", bias=-1.0, rope=True), A(kind="linear", decay="gate")),
+           layer_scale=layer_scale, hybrid_norm=hybrid_norm), rngs=nnx.Rngs(3))
+
+
+@pytest.mark.parametrize("layer_scale,hybrid_norm", [(0.1, False), (None, True), (0.5, True)])
+def test_layer_scale_and_hybrid_norm_decode_equals_forward(layer_scale, hybrid_norm):
+  model = _stabilised(layer_scale, hybrid_norm)
+  tokens = _tokens(seed=4)
+  decoded, _ = _decode_in_chunks(model, tokens)
+  np.testing.assert_allclose(decoded, _forward(model, tokens), **TOL)
+
+
+def test_layer_scale_and_hybrid_norm_compose_as_documented():
+  """Block(x) == x + s_a * norm_o(attn(norm_a(x))), then h + s_m * mlp(norm_m(h)),
+  written out from the block's own submodules; the scales start at the value."""
+  model = _stabilised(0.25, True)
+  block = model.blocks[0]
+  np.testing.assert_array_equal(block.attn_scale[...], np.full((E,), 0.25, np.float32))
+  spec = nnx.get_partition_spec(nnx.state(block, nnx.Param))["attn_scale"]
+  assert tuple(jax.tree.leaves(spec, is_leaf=_is_spec)[0]) == ("embed",)
+  x = jax.random.normal(jax.random.key(5), (B, T, E))
+  # Distinct scales, so that a swap of the two would show.
+  block.attn_scale[...] = jnp.linspace(0.1, 2.0, E)
+  block.mlp_scale[...] = jnp.linspace(-1.0, 1.0, E)
+  h = x + block.attn_scale[...] * block.attn_out_norm(block.attn(block.attn_norm(x)))
+  want = h + block.mlp_scale[...] * block.mlp(block.mlp_norm(h))
+  np.testing.assert_allclose(block(x), want, rtol=1e-6, atol=1e-6)
+  plain = TransformerLM(_cfg((A(kind="sigmoid", bias=-1.0, rope=True),)), rngs=nnx.Rngs(3))
+  assert plain.blocks[0].attn_scale is None and plain.blocks[0].attn_out_norm is None
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"layer_scale": 0.0}, "layer_scale"), ({"layer_scale": float("nan")}, "layer_scale"),
+    ({"layer_scale": True}, "layer_scale"), ({"hybrid_norm": 1}, "hybrid_norm")])
+def test_layer_scale_and_hybrid_norm_validation(kwargs, field):
+  with pytest.raises(ValueError, match=field):
+    _cfg(None, **kwargs)
