@@ -30,17 +30,13 @@ from attnlib.ops import _checks
 Array = jax.Array
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_sampling(op: str, temperature: Any, top_k: Any,
                     vocab: int | None) -> None:
   if (not isinstance(temperature, numbers.Real) or isinstance(temperature, bool)
       or not math.isfinite(temperature) or temperature < 0):
     _checks.fail(op, "temperature", temperature, "a finite number >= 0")
   if top_k is not None:
-    if not _is_int(top_k) or top_k < 1:
+    if not _checks.is_int(top_k) or top_k < 1:
       _checks.fail(op, "top_k", top_k, "None or an int >= 1")
     if vocab is not None and top_k > vocab:
       _checks.fail(op, "top_k", top_k, f"<= the vocabulary size {vocab}")
@@ -169,7 +165,7 @@ def generate(model: nnx.Module, prompt: Array, max_new_tokens: int, *,
                  "[B, T0] with B, T0 >= 1")
   if not jnp.issubdtype(prompt.dtype, jnp.integer):
     _checks.fail(op, "prompt.dtype", str(prompt.dtype), "an integer dtype")
-  if not _is_int(max_new_tokens) or max_new_tokens < 0:
+  if not _checks.is_int(max_new_tokens) or max_new_tokens < 0:
     _checks.fail(op, "max_new_tokens", max_new_tokens, "an int >= 0")
   vocab = getattr(getattr(model, "config", None), "vocab_size", None)
   _check_sampling(op, temperature, top_k, vocab)
@@ -178,7 +174,7 @@ def generate(model: nnx.Module, prompt: Array, max_new_tokens: int, *,
   need = prompt.shape[1] + max_new_tokens
   if max_len is None:
     max_len = need
-  if not _is_int(max_len) or max_len < need:
+  if not _checks.is_int(max_len) or max_len < need:
     _checks.fail(op, "max_len", max_len,
                  f"an int >= T0 + max_new_tokens = {need}")
   prompt = jnp.asarray(prompt, jnp.int32)

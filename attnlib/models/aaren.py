@@ -51,7 +51,7 @@ from attnlib.models.lm import EMBED
 from attnlib.models.lm import _blocks
 from attnlib.models.lm import _check_cache
 from attnlib.models.lm import _check_cache_len
-from attnlib.models.lm import _partitioned
+from attnlib.nn.attention import logical_init
 from attnlib.models.lm import _resolve_layers
 from attnlib.models.lm import _resolve_sizes
 from attnlib.models.lm import _rms_norm
@@ -166,14 +166,14 @@ class AarenModel(nnx.Module):
     init = nnx.initializers.lecun_normal()
     self.in_proj = nnx.Linear(
         c.input_dim, c.embed_dim, rngs=rngs,
-        kernel_init=_partitioned(init, (None, EMBED)),
-        bias_init=_partitioned(nnx.initializers.zeros, (EMBED,)), **dt)
+        kernel_init=logical_init(init, (None, EMBED)),
+        bias_init=logical_init(nnx.initializers.zeros, (EMBED,)), **dt)
     self.blocks = _blocks(c, rngs)
     self.norm = _rms_norm(c.embed_dim, c.norm_eps, rngs, **dt)
     self.head = nnx.Linear(
         c.embed_dim, c.out_dim, rngs=rngs,
-        kernel_init=_partitioned(init, (EMBED, None)),
-        bias_init=_partitioned(nnx.initializers.zeros, (None,)), **dt)
+        kernel_init=logical_init(init, (EMBED, None)),
+        bias_init=logical_init(nnx.initializers.zeros, (None,)), **dt)
 
   def _check_x(self, op: str, x: Any) -> None:
     f = self.config.input_dim

@@ -39,6 +39,7 @@ from flax import nnx
 
 from attnlib.nn.attention import Attention
 from attnlib.nn.attention import AttentionConfig
+from attnlib.nn.attention import logical_init
 from attnlib.ops import _checks
 
 Array = jax.Array
@@ -50,19 +51,6 @@ VOCAB, EMBED, MLP = "vocab", "embed", "mlp"
 DEFAULT_NUM_LAYERS = 2
 
 _CFG = "LMConfig"
-
-
-def _partitioned(init, names):
-  # Metadata only, as in attnlib.nn.attention (no mesh needed to build).
-  return nnx.with_partitioning(init, names, eager_sharding=False)
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # ------------------------------------------------------------ layer patterns
@@ -127,7 +115,7 @@ def based_layers(num_layers: int, *, window: int = 64,
   """
   op = "attnlib.models.based_layers"
   _checks.check_positive_int(op, "num_layers", num_layers)
-  if not _is_int(window) or window < 0:
+  if not _checks.is_int(window) or window < 0:
     _checks.fail(op, "window", window, "an int >= 0")
   if not isinstance(linear_first, bool):
     _checks.fail(op, "linear_first", linear_first, "a bool")
@@ -197,7 +185,7 @@ def _resolve_sizes(obj: Any, op: str) -> None:
   _checks.check_positive_int(op, "mlp_dim", obj.mlp_dim)
   _check_dtype(op, "dtype", obj.dtype)
   _check_dtype(op, "param_dtype", obj.param_dtype)
-  if (not _is_real(obj.norm_eps) or not math.isfinite(obj.norm_eps)
+  if (not _checks.is_real(obj.norm_eps) or not math.isfinite(obj.norm_eps)
       or obj.norm_eps <= 0):
     _checks.fail(op, "norm_eps", obj.norm_eps, "a finite number > 0")
 
@@ -258,7 +246,7 @@ class LMConfig:
   def __post_init__(self):
     _checks.check_positive_int(_CFG, "vocab_size", self.vocab_size)
     if self.layer_scale is not None and (
-        not _is_real(self.layer_scale) or not math.isfinite(self.layer_scale)
+        not _checks.is_real(self.layer_scale) or not math.isfinite(self.layer_scale)
         or self.layer_scale <= 0):
       _checks.fail(_CFG, "layer_scale", self.layer_scale,
                    "None or a finite number > 0")
@@ -294,13 +282,13 @@ class SwiGLU(nnx.Module):
     common = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype,
                   rngs=rngs)
     self.gate = nnx.Linear(embed_dim, mlp_dim,
-                           kernel_init=_partitioned(init, (EMBED, MLP)),
+                           kernel_init=logical_init(init, (EMBED, MLP)),
                            **common)
     self.up = nnx.Linear(embed_dim, mlp_dim,
-                         kernel_init=_partitioned(init, (EMBED, MLP)),
+                         kernel_init=logical_init(init, (EMBED, MLP)),
                          **common)
     self.down = nnx.Linear(mlp_dim, embed_dim,
-                           kernel_init=_partitioned(init, (MLP, EMBED)),
+                           kernel_init=logical_init(init, (MLP, EMBED)),
                            **common)
 
   def __call__(self, x: Array) -> Array:
@@ -310,7 +298,7 @@ class SwiGLU(nnx.Module):
 def _rms_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype: Any,
               param_dtype: Any) -> nnx.RMSNorm:
   return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                     scale_init=_partitioned(nnx.initializers.ones, (EMBED,)),
+                     scale_init=logical_init(nnx.initializers.ones, (EMBED,)),
                      rngs=rngs)
 
 
@@ -341,7 +329,7 @@ class Block(nnx.Module):
                           if hybrid_norm else nnx.data(None))
     self.attn_scale = self.mlp_scale = nnx.data(None)
     if layer_scale is not None:
-      init = _partitioned(nnx.initializers.constant(layer_scale), (EMBED,))
+      init = logical_init(nnx.initializers.constant(layer_scale), (EMBED,))
       self.attn_scale = nnx.Param(init(rngs.params(), (embed_dim,), param_dtype))
       self.mlp_scale = nnx.Param(init(rngs.params(), (embed_dim,), param_dtype))
 
@@ -408,7 +396,7 @@ class TransformerLM(nnx.Module):
     dt = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     self.embed = nnx.Embed(
         c.vocab_size, c.embed_dim, rngs=rngs,
-        embedding_init=_partitioned(nnx.initializers.normal(1.0),
+        embedding_init=logical_init(nnx.initializers.normal(1.0),
                                     (VOCAB, EMBED)), **dt)
     self.blocks = _blocks(c, rngs)
     self.norm = _rms_norm(c.embed_dim, c.norm_eps, rngs, **dt)
@@ -416,7 +404,7 @@ class TransformerLM(nnx.Module):
     if not c.tie_embeddings:
       self.head = nnx.Linear(
           c.embed_dim, c.vocab_size, use_bias=False, rngs=rngs,
-          kernel_init=_partitioned(nnx.initializers.lecun_normal(),
+          kernel_init=logical_init(nnx.initializers.lecun_normal(),
                                    (EMBED, VOCAB)), **dt)
 
   def _check_tokens(self, op: str, tokens: Any) -> None:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnlib.nn.attention import logical_init
 from attnlib.nn.neighborhood import NeighborhoodAttention
 from attnlib.ops import _checks
 
@@ -41,10 +42,6 @@ _CFG = "NATConfig"
 
 def _is_int(x: Any, minimum: int = 1) -> bool:
   return isinstance(x, int) and not isinstance(x, bool) and x >= minimum
-
-
-def _partitioned(init, names):
-  return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +155,15 @@ class _Block(nnx.Module):
 def _norm(dim, kw):
   init = nnx.initializers
   return nnx.LayerNorm(dim, epsilon=1e-5,
-                       scale_init=_partitioned(init.ones, ("embed",)),
-                       bias_init=_partitioned(init.zeros, ("embed",)), **kw)
+                       scale_init=logical_init(init.ones, ("embed",)),
+                       bias_init=logical_init(init.zeros, ("embed",)), **kw)
 
 
 def _linear(d_in, d_out, names, kw):
   return nnx.Linear(
       d_in, d_out,
-      kernel_init=_partitioned(nnx.initializers.lecun_normal(), names),
-      bias_init=_partitioned(nnx.initializers.zeros, names[1:]), **kw)
+      kernel_init=logical_init(nnx.initializers.lecun_normal(), names),
+      bias_init=logical_init(nnx.initializers.zeros, names[1:]), **kw)
 
 
 def _conv(d_in, d_out, kw, use_bias=True):
@@ -174,9 +171,9 @@ def _conv(d_in, d_out, kw, use_bias=True):
   return nnx.Conv(
       d_in, d_out, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
       use_bias=use_bias,
-      kernel_init=_partitioned(nnx.initializers.lecun_normal(),
+      kernel_init=logical_init(nnx.initializers.lecun_normal(),
                                (None, None, None, "embed")),
-      bias_init=_partitioned(nnx.initializers.zeros, ("embed",)), **kw)
+      bias_init=logical_init(nnx.initializers.zeros, ("embed",)), **kw)
 
 
 class NAT(nnx.Module):
@@ -210,9 +207,9 @@ class NAT(nnx.Module):
     self.norm = _norm(dims[-1], kw)
     self.head = nnx.Linear(
         dims[-1], cfg.num_classes,
-        kernel_init=_partitioned(nnx.initializers.lecun_normal(),
+        kernel_init=logical_init(nnx.initializers.lecun_normal(),
                                  ("embed", None)),
-        bias_init=_partitioned(nnx.initializers.zeros, (None,)), **kw)
+        bias_init=logical_init(nnx.initializers.zeros, (None,)), **kw)
 
   def features(self, images: Array) -> Array:
     """images [B, H, W, C] -> the last stage's map [B, h, w, embed_dims[-1]].

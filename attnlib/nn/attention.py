@@ -50,14 +50,6 @@ GATE_BIAS_INIT = 3.0
 _CFG = "AttentionConfig"
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """Which attention an `Attention` layer computes.
@@ -119,7 +111,7 @@ class AttentionConfig:
     for name in ("is_causal", "output_norm", "rope"):
       if not isinstance(getattr(self, name), bool):
         _checks.fail(_CFG, name, getattr(self, name), "a bool")
-    if (not _is_real(self.rope_theta) or not math.isfinite(self.rope_theta)
+    if (not _checks.is_real(self.rope_theta) or not math.isfinite(self.rope_theta)
         or self.rope_theta <= 0):
       _checks.fail(_CFG, "rope_theta", self.rope_theta, "a finite number > 0")
     # Options of one kind only.
@@ -141,13 +133,13 @@ class AttentionConfig:
                    "None with is_causal=False (a decay needs an order)")
     if self.kind == "sliding_window":
       w = self.window
-      ok = (_is_int(w) and w >= 0) or (
+      ok = (_checks.is_int(w) and w >= 0) or (
           isinstance(w, tuple) and len(w) == 2
-          and all(_is_int(x) and x >= 0 for x in w))
+          and all(_checks.is_int(x) and x >= 0 for x in w))
       if not ok:
         _checks.fail(_CFG, "window", w,
                      "an int >= 0 or a tuple (left, right) of ints >= 0")
-    if self.bias is not None and (not _is_real(self.bias)
+    if self.bias is not None and (not _checks.is_real(self.bias)
                                   or not math.isfinite(self.bias)):
       _checks.fail(_CFG, "bias", self.bias, "None or a finite float")
     if self.kind == "aaren":
@@ -164,7 +156,7 @@ class AttentionConfig:
     """sliding_window: the left reach (query i sees keys from i - left)."""
     if self.kind != "sliding_window":
       return None
-    return self.window if _is_int(self.window) else self.window[0]
+    return self.window if _checks.is_int(self.window) else self.window[0]
 
   @property
   def feature_map_fn(self) -> Callable[[Array], Array]:
@@ -230,11 +222,13 @@ def _caches():
   return importlib.import_module("attnlib.decoding.cache")
 
 
-def _partitioned(init, names):
-  # Logical names only: no eager sharding (it needs a mesh and rules that map
-  # the names onto mesh axes); shard with nnx.get_partition_spec under
-  # nnx.logical_axis_rules after construction (e.g. in a jitted init).
+def logical_init(init, names):
+  """`init` with logical axis names as metadata only: no eager sharding (it
+  needs a mesh and rules mapping the names onto mesh axes); shard with
+  nnx.get_partition_spec under nnx.logical_axis_rules after construction
+  (attnlib.sharding.rules does). Every attnlib layer and model uses it."""
   return nnx.with_partitioning(init, names, eager_sharding=False)
+
 
 
 class Attention(nnx.Module):
@@ -291,22 +285,22 @@ class Attention(nnx.Module):
     self.query = nnx.data(None)
     if config.kind == "aaren":
       # Unit variance, like the entries of x W_q for unit-variance x.
-      self.query = nnx.Param(_partitioned(
+      self.query = nnx.Param(logical_init(
           nnx.initializers.normal(1.0), (HEADS, HEAD_DIM))(
               rngs.params(), (num_heads, head_dim), param_dtype))
     else:
       self.q = nnx.LinearGeneral(
           embed_dim, (num_heads, head_dim),
-          kernel_init=_partitioned(init, (EMBED, HEADS, HEAD_DIM)), **common)
+          kernel_init=logical_init(init, (EMBED, HEADS, HEAD_DIM)), **common)
     self.k = nnx.LinearGeneral(
         embed_dim, (num_kv_heads, head_dim),
-        kernel_init=_partitioned(init, (EMBED, KV_HEADS, HEAD_DIM)), **common)
+        kernel_init=logical_init(init, (EMBED, KV_HEADS, HEAD_DIM)), **common)
     self.v = nnx.LinearGeneral(
         embed_dim, (num_kv_heads, head_dim),
-        kernel_init=_partitioned(init, (EMBED, KV_HEADS, HEAD_DIM)), **common)
+        kernel_init=logical_init(init, (EMBED, KV_HEADS, HEAD_DIM)), **common)
     self.o = nnx.LinearGeneral(
         (num_heads, head_dim), embed_dim, axis=(-2, -1),
-        kernel_init=_partitioned(init, (HEADS, HEAD_DIM, EMBED)), **common)
+        kernel_init=logical_init(init, (HEADS, HEAD_DIM, EMBED)), **common)
     self.log_rate = nnx.data(None)
     self.gate = nnx.data(None)
     self.out_norm = nnx.data(None)
@@ -314,18 +308,18 @@ class Attention(nnx.Module):
       rate_init = lambda key, shape, dtype: jnp.log(   # noqa: E731
           _retnet_rates(shape[0])).astype(dtype)
       self.log_rate = nnx.Param(
-          _partitioned(rate_init, (HEADS,))(rngs.params(), (num_heads,),
+          logical_init(rate_init, (HEADS,))(rngs.params(), (num_heads,),
                                             param_dtype))
     elif config.decay == "gate":
       self.gate = nnx.Linear(
           embed_dim, num_heads, dtype=dtype, param_dtype=param_dtype,
-          kernel_init=_partitioned(init, (EMBED, HEADS)),
-          bias_init=_partitioned(nnx.initializers.constant(GATE_BIAS_INIT),
+          kernel_init=logical_init(init, (EMBED, HEADS)),
+          bias_init=logical_init(nnx.initializers.constant(GATE_BIAS_INIT),
                                  (HEADS,)), rngs=rngs)
     if config.output_norm:
       self.out_norm = nnx.RMSNorm(
           head_dim, dtype=dtype, param_dtype=param_dtype,
-          scale_init=_partitioned(nnx.initializers.ones, (HEAD_DIM,)),
+          scale_init=logical_init(nnx.initializers.ones, (HEAD_DIM,)),
           rngs=rngs)
 
   def decay(self, x: Array) -> Array | None:

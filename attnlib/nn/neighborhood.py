@@ -25,6 +25,7 @@ from flax import nnx
 from attnlib.ops import _checks
 from attnlib.ops.neighborhood import neighborhood_attention
 from attnlib.nn import attention
+from attnlib.nn.attention import logical_init
 
 Array = jax.Array
 
@@ -32,11 +33,6 @@ EMBED, HEADS, HEAD_DIM = "embed", "heads", "head_dim"
 
 _LAYER = "attnlib.nn.NeighborhoodAttention"
 _FN = "attnlib.nn.neighborhood_attention_fn"
-
-
-def _partitioned(init, names):
-  # Logical names only (see attnlib.nn.attention._partitioned).
-  return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
 def _option(op: str, name: str, value: Any, kind: str, minimum: int = 1
@@ -146,17 +142,17 @@ class NeighborhoodAttention(nnx.Module):
                   rngs=rngs)
     in_names = (EMBED, HEADS, HEAD_DIM)
     self.q = nnx.LinearGeneral(embed_dim, (num_heads, head_dim),
-                               kernel_init=_partitioned(init, in_names),
+                               kernel_init=logical_init(init, in_names),
                                **common)
     self.k = nnx.LinearGeneral(embed_dim, (num_heads, head_dim),
-                               kernel_init=_partitioned(init, in_names),
+                               kernel_init=logical_init(init, in_names),
                                **common)
     self.v = nnx.LinearGeneral(embed_dim, (num_heads, head_dim),
-                               kernel_init=_partitioned(init, in_names),
+                               kernel_init=logical_init(init, in_names),
                                **common)
     self.o = nnx.LinearGeneral(
         (num_heads, head_dim), embed_dim, axis=(-2, -1),
-        kernel_init=_partitioned(init, (HEADS, HEAD_DIM, EMBED)), **common)
+        kernel_init=logical_init(init, (HEADS, HEAD_DIM, EMBED)), **common)
 
   def __call__(self, x: Array) -> Array:
     """x [B, *S, E] (1 to 3 spatial axes) -> [B, *S, E]."""

@@ -17,6 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def is_int(x: Any) -> bool:
+  """A Python int that is not a bool."""
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+  """A Python int or float that is not a bool."""
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def fail(op: str, name: str, value: Any, expected: str) -> None:
   raise ValueError(f"{op}: {name}={value!r}, expected {expected}.")
 

@@ -554,8 +554,8 @@ def _logit_surrogate(q, k, v, scale):
   mid = (lax.stop_gradient(s) - hi.astype(jnp.float32)).astype(q.dtype)
   lo = (s - lax.stop_gradient(hi.astype(jnp.float32) + mid.astype(jnp.float32))
         ).astype(q.dtype)
-  k1 = jnp.zeros((b, t, h, _KERNEL_DIMS[0]), q.dtype)
-  k1 = k1.at[..., 0].set(hi).at[..., 1].set(mid).at[..., 2].set(lo)
+  k1 = jnp.pad(jnp.stack([hi, mid, lo], axis=-1),          # [B, T, H, 64]
+               ((0, 0), (0, 0), (0, 0), (0, _KERNEL_DIMS[0] - 3)))
   q1 = jnp.zeros((b, h, _KERNEL_DIMS[0]), q.dtype).at[..., :3].set(1)
   return q1, k1, jnp.repeat(v, g, axis=2)
 
