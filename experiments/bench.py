@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnlib as al
+import kernel_profile
 
 OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
        "sigmoid_attention", "attention_scan", "attention_scan_step",
@@ -76,6 +77,13 @@ _SPATIAL_DIMS = flags.DEFINE_integer("spatial_dims", 2, "neighborhood_attention 
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 _ITERS = flags.DEFINE_integer("iters", 10, "Calls per timed repeat.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+_MIN_TIME = flags.DEFINE_float(
+    "min_time", 0.0, "Seconds each timed repeat lasts at least: --iters is raised "
+    "per configuration until it does (short calls then average over more of them, "
+    "so host dispatch and the first call's latency weigh less).")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Also trace --iters calls with jax.profiler and print each "
+    "configuration's device kernels (time per call) and device busy time.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run Pallas kernels in interpret mode.")
 _OUT = flags.DEFINE_string("out", "out/bench", "Directory for results.json and plot.png.")
 
@@ -243,18 +251,24 @@ def _timed_fn(call: Callable, n_args: int) -> Callable:
 
 
 def _time(fn: Callable, args: tuple) -> float:
-  """Median seconds per call over --repeats groups of --iters calls."""
+  """Median seconds per call over --repeats groups of back-to-back calls:
+  --iters calls, or more where --min_time asks for longer repeats."""
   jax.block_until_ready(fn(*args))  # compile
-  for _ in range(_WARMUP.value):
+  start = time.perf_counter()
+  for _ in range(max(_WARMUP.value, 1 if _MIN_TIME.value > 0 else 0)):
     jax.block_until_ready(fn(*args))
+  iters = _ITERS.value
+  if _MIN_TIME.value > 0:
+    per_call = (time.perf_counter() - start) / max(_WARMUP.value, 1)
+    iters = max(iters, math.ceil(_MIN_TIME.value / max(per_call, 1e-6)))
   samples = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()
     out = None
-    for _ in range(_ITERS.value):
+    for _ in range(iters):
       out = fn(*args)
     jax.block_until_ready(out)
-    samples.append((time.perf_counter() - start) / _ITERS.value)
+    samples.append((time.perf_counter() - start) / iters)
   return statistics.median(samples)
 
 
@@ -285,6 +299,12 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
     args, flops = problem.args, problem.flops
   fn = _timed_fn(call, len(args))
   seconds = _time(fn, args)
+  device_busy_ms = None
+  if _PROFILE.value:
+    kernels, summary = kernel_profile.profile(fn, args, iters=_ITERS.value)
+    print(f"{op} seq_len={seq_len} {implementation}: {seconds * 1e3:.3f} ms/call wall")
+    print(kernel_profile.format_table(kernels, summary))
+    device_busy_ms = summary.busy_us_per_call / 1e3
   # The least HBM traffic of one forward call: every input read once, every
   # output written once (a roofline for memory-bound ops such as the scan).
   outs = jax.eval_shape(call, *args)
@@ -298,7 +318,8 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
       "dtype": _DTYPE.value, "mode": _MODE.value, "causal": _CAUSAL.value,
       "ms": seconds * 1e3, "tokens_per_s": problem.tokens / seconds,
       "tflops": flops / seconds / 1e12, "hbm_bytes": hbm_bytes,
-      "fwd_io_gbps": hbm_bytes / seconds / 1e9, **_memory(fn, args),
+      "fwd_io_gbps": hbm_bytes / seconds / 1e9, "device_busy_ms": device_busy_ms,
+      **_memory(fn, args),
   }
 
 

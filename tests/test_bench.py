@@ -51,3 +51,16 @@ def test_bench_runs_on_cpu(op, tmp_path):
   assert "error" in rows["cudnn_softmax"]  # no GPU here: reported, not crashed
   assert "speedup" in result.stdout
   assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_bench_profile_and_min_time_on_cpu(tmp_path):
+  cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), "--op=linear_attention",
+         "--batch=1", "--heads=2", "--head_dim=8", "--seq_len=24", "--dtype=float32",
+         "--iters=2", "--repeats=1", "--warmup=0", "--min_time=0.05", "--profile",
+         "--implementation=xla", f"--out={tmp_path}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "device busy" in result.stdout
+  row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
+  assert 0 < row["device_busy_ms"]
