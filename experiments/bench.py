@@ -80,7 +80,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is repo
 _MIN_TIME = flags.DEFINE_float(
     "min_time", 0.0, "Seconds each timed repeat lasts at least: --iters is raised "
     "per configuration until it does (short calls then average over more of them, "
-    "so host dispatch and the first call's latency weigh less).")
+    "so host dispatch and the first call's latency weigh less).", lower_bound=0.0)
 _PROFILE = flags.DEFINE_bool(
     "profile", False, "Also trace --iters calls with jax.profiler and print each "
     "configuration's device kernels (time per call) and device busy time.")

@@ -64,3 +64,12 @@ def test_bench_profile_and_min_time_on_cpu(tmp_path):
   assert "device busy" in result.stdout
   row = json.loads((tmp_path / "results.json").read_text())["rows"][0]
   assert 0 < row["device_busy_ms"]
+
+
+def test_bench_rejects_a_negative_min_time(tmp_path):
+  cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), "--min_time=-1",
+         f"--out={tmp_path}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, check=False)
+  assert result.returncode != 0
+  assert "min_time" in result.stderr and not (tmp_path / "results.json").exists()

@@ -534,26 +534,35 @@ class Attention(nnx.Module):
       positions = length + jnp.arange(t, dtype=jnp.int32)
       q = apply_rope(q, positions, cfg.rope_theta)
       k = apply_rope(k, positions, cfg.rope_theta)
-    new_length = length + t
-    if cfg.kind in ("softmax", "sigmoid"):
-      o, cache_k, cache_v = self._decode_kv(op, q, k, v, cache)
-      cache = cache.replace(k=cache_k, v=cache_v, length=new_length)
-    elif cfg.kind == "sliding_window":
-      o, cache_k, cache_v = self._decode_window(q, k, v, cache)
-      cache = cache.replace(k=cache_k, v=cache_v, length=new_length)
-    elif cfg.kind == "linear":
-      phi = cfg.feature_map_fn
-      o, state = linear_attention(
-          phi(q), phi(k), v, is_causal=True, decay=self.decay(x),
-          initial_state=cache.state, return_final_state=True)
-      cache = cache.replace(state=state, length=new_length)
-    else:
-      o, state = attention_scan(q, k, v, initial_state=cache.state,
-                                return_final_state=True)
-      cache = cache.replace(state=state, length=new_length)
+    decay = self.decay(x) if cfg.kind == "linear" else None
+    o, cache = self._attend_cached(op, q, k, v, cache, decay)
     if self.out_norm is not None:
       o = self.out_norm(o)
     return self.o(o), cache
+
+  def _attend_cached(self, op: str, q: Array, k: Array, v: Array, cache: Any,
+                     decay: Array | None) -> tuple[Array, Any]:
+    """The attention output of a chunk (q, k, v after RoPE) and the cache
+    with the chunk consumed (length L + T), per kind; shared with
+    `attnlib.sharding.ShardedAttention`, which passes its local shards."""
+    cfg = self.config
+    # + T from k: aaren's q is its learned query, not the chunk's tokens.
+    new_length = cache.length.astype(jnp.int32) + k.shape[1]
+    if cfg.kind in ("softmax", "sigmoid"):
+      o, cache_k, cache_v = self._decode_kv(op, q, k, v, cache)
+      return o, cache.replace(k=cache_k, v=cache_v, length=new_length)
+    if cfg.kind == "sliding_window":
+      o, cache_k, cache_v = self._decode_window(q, k, v, cache)
+      return o, cache.replace(k=cache_k, v=cache_v, length=new_length)
+    if cfg.kind == "linear":
+      phi = cfg.feature_map_fn
+      o, state = linear_attention(
+          phi(q), phi(k), v, is_causal=True, decay=decay,
+          initial_state=cache.state, return_final_state=True)
+    else:
+      o, state = attention_scan(q, k, v, initial_state=cache.state,
+                                return_final_state=True)
+    return o, cache.replace(state=state, length=new_length)
 
   def _decode_kv(self, op: str, q: Array, k: Array, v: Array,
                  cache: Any) -> tuple[Array, Array, Array]:

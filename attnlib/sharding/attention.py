@@ -65,8 +65,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from attnlib.nn.attention import Attention
 from attnlib.nn.attention import _attend
 from attnlib.nn.attention import apply_rope
-from attnlib.ops.attention_scan import attention_scan
-from attnlib.ops.linear_attention import linear_attention
 from attnlib.sharding import rules as _rules
 from attnlib.sharding.feedforward import Collective
 from attnlib.sharding.feedforward import ring_bytes
@@ -357,24 +355,8 @@ class ShardedAttention:
       if not decode:
         o = _attend(cfg, q, k, v, decay=decay)
       else:
-        new_length = length + t
-        if cfg.kind in ("softmax", "sigmoid"):
-          o, ck, cv = m._decode_kv("attnlib.sharding.ShardedAttention.decode",
-                                   q, k, v, cache)
-          cache = cache.replace(k=ck, v=cv, length=new_length)
-        elif cfg.kind == "sliding_window":
-          o, ck, cv = m._decode_window(q, k, v, cache)
-          cache = cache.replace(k=ck, v=cv, length=new_length)
-        elif cfg.kind == "linear":
-          phi = cfg.feature_map_fn
-          o, st = linear_attention(
-              phi(q), phi(k), v, is_causal=True, decay=decay,
-              initial_state=cache.state, return_final_state=True)
-          cache = cache.replace(state=st, length=new_length)
-        else:
-          o, st = attention_scan(q, k, v, initial_state=cache.state,
-                                 return_final_state=True)
-          cache = cache.replace(state=st, length=new_length)
+        o, cache = m._attend_cached(
+            "attnlib.sharding.ShardedAttention.decode", q, k, v, cache, decay)
       if m.out_norm is not None:
         o = m.out_norm(o)
       o = a2a(o, 2, 0)                                   # BTH_A D

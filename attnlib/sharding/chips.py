@@ -124,15 +124,7 @@ H100 = ChipSpec(
 
 # NVIDIA H200 SXM (NVIDIA H200 datasheet): the H100's compute and NVLink with
 # 141 GB HBM3e at 4.8 TB/s.
-H200 = ChipSpec(
-    name="h200",
-    peak_flops=989.4e12,
-    hbm_bandwidth=4.8e12,
-    hbm_bytes=141e9,
-    ici_bandwidth=450e9,
-    peak_flops_int8=1978.9e12,
-    topology="switch",
-)
+H200 = H100.replace(name="h200", hbm_bandwidth=4.8e12, hbm_bytes=141e9)
 
 CHIPS: dict[str, ChipSpec] = {c.name: c for c in (TPU_V4, TPU_V5E, TPU_V5P, H100, H200)}
 
