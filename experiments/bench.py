@@ -64,6 +64,12 @@ _V_DIM = flags.DEFINE_integer("v_dim", None, "Value head dimension (default: --h
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "Input dtype.")
 _MODE = flags.DEFINE_enum("mode", "fwd", ["fwd", "fwd_bwd"],
                           "Forward only, or forward plus gradients of all inputs.")
+_COTANGENT = flags.DEFINE_enum(
+    "cotangent", "ones", ["ones", "random"],
+    "fwd_bwd: the output cotangent dO. 'ones' differentiates sum(o) (dO all ones, "
+    "which XLA may fold into the op's own reductions, e.g. delta = rowsum(dO * o) "
+    "becomes rowsum(o)); 'random' pulls a fixed random dO (a timed input) back "
+    "through jax.vjp, as a training step's backward sees it.")
 _CAUSAL = flags.DEFINE_bool("causal", True, "is_causal, where the op has it.")
 _WINDOW = flags.DEFINE_integer(
     "window", None, "sliding_window/sigmoid: local window w, meaning (w - 1, 0) "
@@ -243,11 +249,22 @@ def _softmax_yardstick(problem: _Problem, implementation: str) -> tuple[Callable
   return call, args
 
 
-def _timed_fn(call: Callable, n_args: int) -> Callable:
+def _timed_fn(call: Callable, args: tuple) -> tuple[Callable, tuple]:
+  """(jitted fn, its arguments) for --mode and --cotangent: the forward; the
+  value and gradients of sum(o); or (o, the VJP of o at a random dO), with dO
+  appended to the arguments."""
   if _MODE.value == "fwd":
-    return jax.jit(call)
-  loss = lambda *a: jnp.sum(call(*a).astype(jnp.float32))
-  return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(n_args))))
+    return jax.jit(call), args
+  if _COTANGENT.value == "ones":
+    loss = lambda *a: jnp.sum(call(*a).astype(jnp.float32))
+    return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))))), args
+  out = jax.eval_shape(call, *args)
+  do = jax.random.normal(jax.random.key(2), out.shape, jnp.float32).astype(out.dtype)
+
+  def pullback(*a):
+    o, vjp = jax.vjp(call, *a[:-1])
+    return o, vjp(a[-1])
+  return jax.jit(pullback), (*args, do)
 
 
 def _time(fn: Callable, args: tuple) -> float:
@@ -297,11 +314,11 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
     call = lambda *a: problem.call(*a, implementation=implementation,
                                    interpret=_INTERPRET.value)
     args, flops = problem.args, problem.flops
-  fn = _timed_fn(call, len(args))
-  seconds = _time(fn, args)
+  fn, fn_args = _timed_fn(call, args)
+  seconds = _time(fn, fn_args)
   device_busy_ms = None
   if _PROFILE.value:
-    kernels, summary = kernel_profile.profile(fn, args, iters=_ITERS.value)
+    kernels, summary = kernel_profile.profile(fn, fn_args, iters=_ITERS.value)
     print(f"{op} seq_len={seq_len} {implementation}: {seconds * 1e3:.3f} ms/call wall")
     print(kernel_profile.format_table(kernels, summary))
     device_busy_ms = summary.busy_us_per_call / 1e3
@@ -315,11 +332,12 @@ def run_one(op: str, seq_len: int, implementation: str) -> dict:
       "op": op, "implementation": implementation, "seq_len": seq_len,
       "batch": _BATCH.value, "heads": _HEADS.value, "kv_heads": _KV_HEADS.value or _HEADS.value,
       "head_dim": _HEAD_DIM.value, "v_dim": _V_DIM.value or _HEAD_DIM.value,
-      "dtype": _DTYPE.value, "mode": _MODE.value, "causal": _CAUSAL.value,
+      "dtype": _DTYPE.value, "mode": _MODE.value, "cotangent": _COTANGENT.value,
+      "causal": _CAUSAL.value,
       "ms": seconds * 1e3, "tokens_per_s": problem.tokens / seconds,
       "tflops": flops / seconds / 1e12, "hbm_bytes": hbm_bytes,
       "fwd_io_gbps": hbm_bytes / seconds / 1e9, "device_busy_ms": device_busy_ms,
-      **_memory(fn, args),
+      **_memory(fn, fn_args),
   }
 
 

@@ -66,6 +66,43 @@ def test_bench_profile_and_min_time_on_cpu(tmp_path):
   assert 0 < row["device_busy_ms"]
 
 
+def test_timed_fn_random_cotangent_is_the_vjp():
+  """The 'random' pullback returns o and the VJP at its appended dO: checked
+  against the derivative of sin(x) * y worked out by hand in float64."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl.testing import flagsaver  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  x, y = (jax.random.normal(k, (3, 5), jnp.float32) for k in jax.random.split(jax.random.key(0)))
+  with flagsaver.flagsaver(mode="fwd_bwd", cotangent="random"):
+    fn, args = bench._timed_fn(lambda a, b: jnp.sin(a) * b, (x, y))  # pylint: disable=protected-access
+  assert len(args) == 3 and args[2].shape == x.shape
+  o, (gx, gy) = fn(*args)
+  x64, y64, do = (np.asarray(a, np.float64) for a in args)
+  assert float(np.abs(do).max()) > 0
+  np.testing.assert_allclose(o, np.sin(x64) * y64, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gx, np.cos(x64) * y64 * do, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gy, np.sin(x64) * do, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_random_cotangent_on_cpu(tmp_path):
+  """--cotangent=random times the VJP at a random dO (an extra input), so the
+  backward cannot fold dO = ones into its reductions."""
+  cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"),
+         "--op=sliding_window_attention", "--window=8", "--batch=1", "--heads=2",
+         "--head_dim=8", "--seq_len=24", "--dtype=float32", "--iters=1", "--repeats=1",
+         "--warmup=0", "--mode=fwd_bwd", "--cotangent=random", "--implementation=xla",
+         "--implementation=xla_softmax", f"--out={tmp_path}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  assert [r["cotangent"] for r in rows] == ["random", "random"]
+  assert all(r["ms"] > 0 and "error" not in r for r in rows)
+
+
 def test_bench_rejects_a_negative_min_time(tmp_path):
   cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), "--min_time=-1",
          f"--out={tmp_path}"]

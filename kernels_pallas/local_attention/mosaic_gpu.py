@@ -11,7 +11,8 @@ and, with s_ij = scale * q_i . k_j over the visible j only,
   o_i   = sum_j p_ij v_j,        p_ij = exp(s_ij - lse_i),
   lse_i = log sum_j exp(s_ij)    (saved for the backward).
 
-Backward (dO the output cotangent, delta_i = dO_i . o_i, computed in XLA):
+Backward (dO the output cotangent, delta_i = dO_i . o_i, computed by the dq
+kernel from the dO and o tiles it loads, and read by the dk/dv kernel):
 
   dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i),
   dq_i  = scale sum_j ds_ij k_j,
@@ -53,7 +54,8 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
 
   forward: per query tile, the online softmax over its key tiles (base 2:
     m, l and the saved lse are in units of log2); o and lse via TMA stores.
-  dq:      per query tile, over the same key tiles: p from lse, dp = dO V^T.
+  dq:      per query tile, over the same key tiles: p from lse, dp = dO V^T;
+    first delta = rowsum(dO * o) of its tile, an output for dk/dv.
   dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
     with GQA the H // Hkv heads of a group are summed in XLA (float32).
 
@@ -176,8 +178,8 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
   max_steps = _max_steps(n, **kw)
   interp = common.interpret_params(interpret)
 
-  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem,
-             bar, *maybe_p):
+  def swa_forward(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, o_smem,
+                  lse_smem, bar, *maybe_p):
     p_smem = maybe_p[0] if maybe_p else None
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
@@ -242,7 +244,7 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
   if interp is not None:
     scratch.append(plgpu.SMEM((bq, bk), dtype, transforms=_TILED))
   return plgpu.kernel(
-      kernel,
+      swa_forward,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
       grid=(n, h, b), grid_names=("q", "heads", "batch"),
@@ -254,9 +256,10 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
 # --------------------------------------------------------------- backward ---
 
 
-def _backward_dq(q, k, v, do, lse, delta, *, t, left, right, scale,
-                 interpret):
-  """dq [B, Tp, H, D] q.dtype; lse, delta [B, H, Tp] float32."""
+def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
+  """(dq [B, Tp, H, D] q.dtype, delta [B, H, Tp] float32); lse [B, H, Tp]
+  float32. delta_i = dO_i . o_i is computed here from the dO and o tiles the
+  CTA loads anyway (the dk/dv kernel reads it), not by a separate XLA pass."""
   b, tp, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   group = h // hkv
@@ -268,9 +271,10 @@ def _backward_dq(q, k, v, do, lse, delta, *, t, left, right, scale,
   max_steps = _max_steps(n, **kw)
   interp = common.interpret_params(interpret)
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_smem, do_smem, dq_smem, bars, *maybe_ds):
-    ds_smem = maybe_ds[0] if maybe_ds else None
+  def swa_dq(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, delta_ref,
+             q_smem, do_smem, dq_smem, bars, *extra):
+    o_smem = dq_smem if dv == d else extra[0]   # o is read before dq is written
+    ds_smem = extra[-1] if interp is not None else None
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
     q0 = qt * bq
@@ -279,12 +283,19 @@ def _backward_dq(q, k, v, do, lse, delta, *, t, left, right, scale,
     rows = pl.ds(q0, bq)
     plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(do_ref.at[bb, rows, hh], do_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(o_ref.at[bb, rows, hh], o_smem, bars.at[2])
     lse_i = plgpu.load(lse_ref.at[bb, hh, rows], layout=_ROWS,
                        optimized=False)
-    delta_i = plgpu.load(delta_ref.at[bb, hh, rows], layout=_ROWS,
-                         optimized=False)
-    plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
+    plgpu.barrier_wait(bars.at[2])
+    delta_i = (plgpu.load(do_smem, layout=_WGMMA).astype(jnp.float32)
+               * plgpu.load(o_smem, layout=_WGMMA).astype(jnp.float32)
+               ).sum(axis=1)                                  # [bq] rows
+    # Straight to GMEM: staged through a 256-byte SMEM buffer the kernel was
+    # 14-18% slower on the H200, most likely one CTA per SM instead of two
+    # (two take ~226 of its 228 KiB; BENCHMARKS.md section 4d).
+    delta_ref.at[bb, hh, rows][...] = delta_i
+    plgpu.barrier_wait(bars.at[0])
 
     def body(idx, k_smem, v_smem, dq_acc):
       (i,) = idx
@@ -327,15 +338,18 @@ def _backward_dq(q, k, v, do, lse, delta, *, t, left, right, scale,
   scratch = [plgpu.SMEM((bq, d), dtype, transforms=_TILED),
              plgpu.SMEM((bq, dv), dtype, transforms=_TILED),
              plgpu.SMEM((bq, d), dtype, transforms=_TILED),
-             plgpu.Barrier(num_barriers=2)]
+             plgpu.Barrier(num_barriers=3)]
+  if dv != d:
+    scratch.append(plgpu.SMEM((bq, dv), dtype, transforms=_TILED))
   if interp is not None:
     scratch.append(plgpu.SMEM((bq, bk), dtype, transforms=_TILED))
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+      swa_dq, out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
+                        jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
       grid=(n, h, b), grid_names=("q", "heads", "batch"),
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
-  )(q, k, v, do, lse, delta)
+  )(q, k, v, do, o, lse)
 
 
 def _cta_range(cta, **kw):
@@ -368,8 +382,8 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   jnp_range = lambda tile: tile_range(tile, **kw, maximum=jnp.maximum,
                                       minimum=jnp.minimum)
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-             k_smem2, v_smem2, out_smem2, bars, *maybe_a):
+  def swa_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+              k_smem2, v_smem2, out_smem2, bars, *maybe_a):
     ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
     wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
@@ -445,7 +459,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   if interp is not None:
     scratch += [plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)] * 2
   return plgpu.kernel(
-      kernel,
+      swa_dkv,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype)),
       grid=(n // _WGS, h, b), grid_names=("kv", "heads", "batch"),
@@ -475,10 +489,8 @@ def _attention_fwd(q, k, v, t, left, right, scale, interpret):
 def _attention_bwd(t, left, right, scale, interpret, res, do):
   q, k, v, o, lse = res
   do = do.astype(q.dtype)
-  delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32),
-                     o.astype(jnp.float32))                  # [B, H, Tp]
   kw = dict(t=t, left=left, right=right, scale=scale, interpret=interpret)
-  dq = _backward_dq(q, k, v, do, lse, delta, **kw)
+  dq, delta = _backward_dq(q, k, v, do, o, lse, **kw)        # delta [B, H, Tp]
   dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw)
   h, hkv = q.shape[2], k.shape[2]
   if h != hkv:   # sum each group of H // Hkv query heads into its kv head

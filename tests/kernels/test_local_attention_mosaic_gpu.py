@@ -176,6 +176,24 @@ def test_interpret_lse():
 
 
 
+@pytest.mark.parametrize("d,dv", [(64, 64), (64, 128)])
+def test_interpret_dq_kernel_writes_delta(d, dv):
+  # delta_i = dO_i . o_i comes out of the dq kernel (o staged in dq's SMEM
+  # buffer when D == V, in its own when not): against float64 NumPy.
+  t, h, hkv, left, right = 128, 2, 1, 40, 5
+  q, k, _, _ = _inputs(t, h, hkv, d, jnp.bfloat16, seed=6)
+  _, _, v, _ = _inputs(t, h, hkv, dv, jnp.bfloat16, seed=7)
+  do = jax.random.normal(jax.random.key(8), (1, t, h, dv)).astype(jnp.bfloat16)
+  kw = dict(t=t, left=left, right=right, scale=0.125, interpret=True)
+  o, lse = swa_gpu._forward(q, k, v, **kw)  # pylint: disable=protected-access
+  dq, delta = swa_gpu._backward_dq(q, k, v, do, o, lse, **kw)  # pylint: disable=protected-access
+  want = np.einsum("bthv,bthv->bht", np.asarray(do, np.float64),
+                   np.asarray(o, np.float64))
+  assert delta.shape == (1, h, t) and delta.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(delta), want, rtol=1e-5, atol=1e-5)
+  assert dq.shape == q.shape
+
+
 def test_interpret_never_touches_tiles_outside_range():
   # T = 256, causal window of 11: query tile 0 has one key tile and its second
   # (skipped) pipeline step loads key tile 1; query tile 3 reads tiles 2, 3.
