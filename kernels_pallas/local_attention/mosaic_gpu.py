@@ -154,11 +154,19 @@ _a_operand = common.a_operand
 
 
 def _skip_or(valid, interior, step, carry):
-  """carry if not valid, else step(carry, masked=not interior)."""
-  def run(c):
-    return lax.cond(interior, functools.partial(step, masked=False),
-                    functools.partial(step, masked=True), c)
-  return lax.cond(valid, run, lambda c: c, carry)
+  """carry if not valid, else step(carry, interior)."""
+  return lax.cond(valid, functools.partial(step, interior=interior),
+                  lambda c: c, carry)
+
+
+def _edge_mask(x, interior, visible, fill):
+  """x where visible() (the band mask), fill elsewhere; returned as it is on
+  interior tiles (a traced bool). The branch holds only this [64, 64] tile:
+  branching between two whole step bodies (their wgmmas, the accumulators
+  passing through) made every step of dq and dk/dv 10-15% slower on the
+  H200, interior ones included (BENCHMARKS.md section 4d)."""
+  return lax.cond(interior, lambda x: x,
+                  lambda x: jnp.where(visible(), x, fill), x)
 
 
 # ---------------------------------------------------------------- forward ---
@@ -193,16 +201,15 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
       (i,) = idx
       kt = start + i
 
-      def step(carry, masked):
+      def step(carry, interior):
         m, l, acc = carry
         (s,) = _products(
             lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
             [(bq, bk)])
         s = s * c                                          # [bq, bk] log2
-        if masked:
-          vis = _visible(q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-                         keys_on_rows=False)
-          s = jnp.where(vis, s, _MASK)
+        s = _edge_mask(s, interior, lambda: _visible(
+            q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+            keys_on_rows=False), _MASK)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - _bcast(m_new, (bq, bk), 0))
@@ -301,16 +308,15 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
       (i,) = idx
       kt = start + i
 
-      def step(dq_acc, masked):
+      def step(dq_acc, interior):
         def mma(s_ref, dp_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
         s, dp = _products(mma, [(bq, bk), (bq, bk)])
         p = jnp.exp2(s * c - _bcast(lse_i, (bq, bk), 0))
-        if masked:
-          vis = _visible(q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-                         keys_on_rows=False)
-          p = jnp.where(vis, p, 0.0)
+        p = _edge_mask(p, interior, lambda: _visible(
+            q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+            keys_on_rows=False), 0.0)
         ds = p * (dp - _bcast(delta_i, (bq, bk), 0))
         ds16 = _a_operand(ds.astype(dtype), ds_smem)
         (dq_acc,) = common.accumulate(
@@ -413,7 +419,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
     def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
       qt = start + idx[0]
 
-      def step(carry, masked):
+      def step(carry, interior):
         dk_acc, dv_acc = carry
         def mma(st_ref, dpt_ref):
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
@@ -422,10 +428,9 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
         lse_j = plgpu.load(lse_smem, layout=_COLS)
         delta_j = plgpu.load(delta_smem, layout=_COLS)
         pt = jnp.exp2(st * c - _bcast(lse_j, (bk, bq), 1))
-        if masked:
-          vis = _visible(k0, qt * bq, (bk, bq), t=t, left=left, right=right,
-                         keys_on_rows=True)
-          pt = jnp.where(vis, pt, 0.0)
+        pt = _edge_mask(pt, interior, lambda: _visible(
+            k0, qt * bq, (bk, bq), t=t, left=left, right=right,
+            keys_on_rows=True), 0.0)
         dst = pt * (dpt - _bcast(delta_j, (bk, bq), 1))
         pt16 = _a_operand(pt.astype(dtype), pt_smem)
         dst16 = _a_operand(dst.astype(dtype), dst_smem)
