@@ -159,6 +159,16 @@ def _skip_or(valid, interior, step, carry):
                   lambda c: c, carry)
 
 
+def skip_or_whole_step(valid, interior, step, carry):
+  """carry if not valid, else step(carry, masked=not interior): a branch
+  between two whole step bodies (the structure _edge_mask replaced here;
+  the sigmoid kernels still use it, not yet re-timed)."""
+  def run(c):
+    return lax.cond(interior, functools.partial(step, masked=False),
+                    functools.partial(step, masked=True), c)
+  return lax.cond(valid, run, lambda c: c, carry)
+
+
 def _edge_mask(x, interior, visible, fill):
   """x where visible() (the band mask), fill elsewhere; returned as it is on
   interior tiles (a traced bool). The branch holds only this [64, 64] tile:

@@ -66,7 +66,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
-from kernels_pallas.local_attention.mosaic_gpu import _skip_or
+from kernels_pallas.local_attention.mosaic_gpu import (
+    skip_or_whole_step as _skip_or)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
