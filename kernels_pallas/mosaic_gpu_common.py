@@ -11,6 +11,7 @@ attention kernels of kernels_pallas/local_attention and sigmoid_attention.
 
 from __future__ import annotations
 
+import functools
 import math
 
 from jax import lax
@@ -118,3 +119,20 @@ def store_dkv(dk, dv, dk_dst, dv_dst, *, k_smem, v_smem, staging, wg):
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(smem, dst)
   plgpu.wait_smem_to_gmem(0)
+
+
+def skip_or(valid, interior, step, carry):
+  """carry if not valid (a traced bool), else step(carry, interior)."""
+  return lax.cond(valid, functools.partial(step, interior=interior),
+                  lambda c: c, carry)
+
+
+def edge_mask(x, interior, visible, fill):
+  """x where visible() (the tile's mask), fill elsewhere; x as it is when
+  `interior` (a traced bool: the whole tile is visible). The branch holds
+  only this [64, n] tile: branching between two whole step bodies (their
+  wgmmas, the accumulators passing through) made every step of the
+  sliding-window dq and dk/dv 10-15% slower on the H200, interior ones
+  included (BENCHMARKS.md section 4d)."""
+  return lax.cond(interior, lambda x: x,
+                  lambda x: jnp.where(visible(), x, fill), x)

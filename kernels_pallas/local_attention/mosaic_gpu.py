@@ -153,30 +153,7 @@ _bcast = common.bcast
 _a_operand = common.a_operand
 
 
-def _skip_or(valid, interior, step, carry):
-  """carry if not valid, else step(carry, interior)."""
-  return lax.cond(valid, functools.partial(step, interior=interior),
-                  lambda c: c, carry)
-
-
-def skip_or_whole_step(valid, interior, step, carry):
-  """carry if not valid, else step(carry, masked=not interior): a branch
-  between two whole step bodies (the structure _edge_mask replaced here;
-  the sigmoid kernels still use it, not yet re-timed)."""
-  def run(c):
-    return lax.cond(interior, functools.partial(step, masked=False),
-                    functools.partial(step, masked=True), c)
-  return lax.cond(valid, run, lambda c: c, carry)
-
-
-def _edge_mask(x, interior, visible, fill):
-  """x where visible() (the band mask), fill elsewhere; returned as it is on
-  interior tiles (a traced bool). The branch holds only this [64, 64] tile:
-  branching between two whole step bodies (their wgmmas, the accumulators
-  passing through) made every step of dq and dk/dv 10-15% slower on the
-  H200, interior ones included (BENCHMARKS.md section 4d)."""
-  return lax.cond(interior, lambda x: x,
-                  lambda x: jnp.where(visible(), x, fill), x)
+_skip_or, _edge_mask = common.skip_or, common.edge_mask
 
 
 # ---------------------------------------------------------------- forward ---

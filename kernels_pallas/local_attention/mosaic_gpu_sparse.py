@@ -144,7 +144,10 @@ def _inside(lo, hi, coord, box_dim):
 
 
 def _masked_or_not(step, interior, carry):
-  """step(carry, masked=False) on interior pairs, masked=True elsewhere."""
+  """step(carry, masked=False) on interior pairs, masked=True elsewhere.
+  A branch between two whole step bodies: narrowing it to the score tile
+  (`common.edge_mask`, as the sliding-window and sigmoid kernels do) was no
+  faster here (forward +2%, forward + backward -2%; BENCHMARKS.md 4e)."""
   return lax.cond(interior != 0, functools.partial(step, masked=False),
                   functools.partial(step, masked=True), carry)
 

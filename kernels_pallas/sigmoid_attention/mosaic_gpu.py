@@ -20,16 +20,18 @@ Backward (dO the output cotangent; sigmoid' = p (1 - p)):
   dq_i  = scale sum_j ds_ij k_j,    dk_j = scale sum_i ds_ij q_i,
   dv_j  = sum_i p_ij dO_i,          db_h = sum_{b, i, j} ds_ij.
 
-Block sparsity, as in kernels_pallas/local_attention/mosaic_gpu.py: Tq and
-Tk are zero-padded to multiples of 128 and cut into 64-row tiles (128-row
-key tiles in the forward); a query
-tile visits only the key tiles some of its real queries see (`_range`;
-everything when left and right are None), a key tile the query tiles that
-reach it, and only pairs that are not *interior* (every query of the tile
-sees every key of the other, all keys real) evaluate the mask. Masking zeroes
-p itself (sigmoid of a masked score is not 0); padded key rows are always
-masked. Padded query rows are computed and sliced off; their dO is 0, so
-their ds and p dO are 0 in dk/dv.
+Block sparsity, as in kernels_pallas/local_attention/mosaic_gpu.py: Tq and Tk
+are zero-padded to multiples of 128 and cut into 64-row tiles (128-row key
+tiles in the forward); a query tile visits only the key tiles some of its
+real queries see (`_range`; everything when left and right are None), a key
+tile the query tiles that reach it, and only pairs that are not *interior*
+(every query of the tile sees every key of the other, all keys real) evaluate
+the mask, in a branch that holds only the p tile (`common.edge_mask`; against
+branching between two whole step bodies: forward + backward 1.07-1.11x
+faster, BENCHMARKS.md section 5c). Masking zeroes p itself (sigmoid of a
+masked score is not 0); padded key rows are always masked. Padded query rows
+are computed and sliced off; their dO is 0, so their ds and p dO are 0 in
+dk/dv.
 
 Each pipeline has a dynamic grid: exactly the CTA's range of partner tiles
 (at least one step; a step outside a warpgroup's own range is skipped with
@@ -41,8 +43,10 @@ input dtype before their matmuls:
     warpgroup streams [128, D] key and value tiles over the union of their
     ranges, acc += P V. (Against one warpgroup per query tile over 64-key
     tiles: 1.08x at 4k, 1.41x at 16k tokens, BENCHMARKS.md section 5.)
-  dq:      likewise; S and dP = dO V^T, ds, dq += dS K, and the row sums of
-    dS for db.
+  dq:      warp-specialized like the forward, over [64, D] key and value
+    tiles (against one warpgroup per CTA: forward + backward 1.02-1.09x,
+    BENCHMARKS.md section 5c); S and dP = dO V^T, ds, dq += dS K, and the
+    row sums of dS for db.
   dk/dv:   warp-specialized: a CTA holds two key tiles (one per compute
     warpgroup) and a third warpgroup streams Q and dO over the union of
     their query-tile ranges; dk/dv per QUERY head, summed over each GQA group
@@ -66,8 +70,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
-from kernels_pallas.local_attention.mosaic_gpu import (
-    skip_or_whole_step as _skip_or)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -78,6 +80,7 @@ _PAD = _WGS * _BLOCK
 _LOG2E = common.LOG2E
 _TILED, _WGMMA, _ROWS = common.TILED, common.WGMMA, common.ROWS
 _bcast, _a_operand, _products = common.bcast, common.a_operand, common.products
+_skip_or, _edge_mask = common.skip_or, common.edge_mask
 
 
 def supports(d: int, dv: int, dtype) -> bool:
@@ -157,8 +160,8 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
   jnp_range = lambda tile: _range(tile, **kw, maximum=jnp.maximum,
                                   minimum=jnp.minimum)
 
-  def kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, q_smem2, o_smem2, bars,
-             *maybe_p):
+  def sigmoid_forward(q_ref, k_ref, v_ref, bias_ref, o_ref, q_smem2,
+                      o_smem2, bars, *maybe_p):
     ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     wg = lax.axis_index("wg")
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
@@ -186,16 +189,15 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
     def body(idx, k_smem, v_smem, carry):
       kt = start + idx[0]
 
-      def step(carry, masked):
+      def step(carry, interior):
         acc, b2 = carry
         (s,) = _products(
             lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
             [(bq, bk)])
         p = _sigmoid(s * c + _bcast(b2, s.shape, 0))
-        if masked:
-          vis = _visible(q0, kt * bk, tk=tk, left=left, right=right,
-                         keys_on_rows=False, shape=(bq, bk))
-          p = jnp.where(vis, p, 0.0)
+        p = _edge_mask(p, interior, lambda: _visible(
+            q0, kt * bk, tk=tk, left=left, right=right, keys_on_rows=False,
+            shape=(bq, bk)), 0.0)
         p16 = _a_operand(p.astype(dtype), p_smem)
         (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
                                    (acc,), interp)
@@ -223,7 +225,8 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
   if interp is not None:
     scratch.append(plgpu.SMEM((_WGS, bq, bk), dtype, transforms=_TILED))
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((b, tqp, h, dv), dtype),
+      sigmoid_forward,
+      out_type=jax.ShapeDtypeStruct((b, tqp, h, dv), dtype),
       grid=(tqp // bq // _WGS, h, b), grid_names=("q", "heads", "batch"),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
@@ -233,7 +236,9 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
 
 def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
                  interpret):
-  """(dq [B, Tqp, H, D] q.dtype, row sums of dS [B, H, Tqp] float32)."""
+  """(dq [B, Tqp, H, D] q.dtype, row sums of dS [B, H, Tqp] float32): two
+  compute warpgroups per CTA (a 64-row query tile each) share [64, D] key
+  and value tiles streamed by a third."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -242,72 +247,86 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
   kw = dict(t_src=tq, t_dst=tk, back=left, ahead=right)
   n_k = tkp // _BLOCK
   interp = common.interpret_params(interpret)
+  jnp_range = lambda tile: _range(tile, **kw, maximum=jnp.maximum,
+                                  minimum=jnp.minimum)
 
-  def kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dsum_ref,
-             q_smem, do_smem, dsum_smem, bars, *maybe_ds):
-    ds_smem = maybe_ds[0] if maybe_ds else None
-    qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+  def sigmoid_dq(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dsum_ref,
+                 q_smem2, do_smem2, dsum_smem2, bars, *maybe_ds):
+    ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+    wg = lax.axis_index("wg")      # compute warpgroups 0 and 1
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    start, _ = jnp_range(_WGS * ct)      # the CTA's key tiles: [start,
+    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)   # cta_end)
+    qt = _WGS * ct + wg
     q0 = qt * _BLOCK
+    own_start, own_end = jnp_range(qt)
+    q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+    ds_smem = maybe_ds[0].at[wg] if maybe_ds else None
     rows = pl.ds(q0, _BLOCK)
-    start, end = _range(qt, **kw, maximum=jnp.maximum, minimum=jnp.minimum)
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(do_ref.at[bb, rows, hh], do_smem, bars.at[1])
-    b2 = _bias_rows(bias_ref, hh) * _LOG2E
-    plgpu.barrier_wait(bars.at[0])
-    plgpu.barrier_wait(bars.at[1])
+
+    def compute(pipeline):   # per compute warpgroup, around its steps
+      plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[bb, rows, hh], do_smem,
+                              bars.at[_WGS + wg])
+      b2 = _bias_rows(bias_ref, hh) * _LOG2E
+      plgpu.barrier_wait(bars.at[wg])
+      plgpu.barrier_wait(bars.at[_WGS + wg])
+      dq, dsum, _ = pipeline(
+          (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
+           plgpu.layout_cast(jnp.zeros((_BLOCK,), jnp.float32), _ROWS), b2))
+      q_smem[...] = (dq * float(scale)).astype(dtype)   # Q is read no more
+      dsum_smem2.at[wg][...] = dsum
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bb, rows, hh])
+      plgpu.copy_smem_to_gmem(dsum_smem2.at[wg], dsum_ref.at[bb, hh, rows])
+      plgpu.wait_smem_to_gmem(0)
 
     def body(idx, k_smem, v_smem, carry):
       kt = start + idx[0]
 
-      def step(carry, masked):
-        dq_acc, dsum = carry
+      def step(carry, interior):
+        dq_acc, dsum, b2 = carry
         def mma(s_ref, dp_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
         s, dp = _products(mma, [(_BLOCK, _BLOCK)] * 2)
         p = _sigmoid(s * c + _bcast(b2, s.shape, 0))
-        if masked:
-          vis = _visible(q0, kt * _BLOCK, tk=tk, left=left, right=right,
-                         keys_on_rows=False)
-          p = jnp.where(vis, p, 0.0)
+        p = _edge_mask(p, interior, lambda: _visible(
+            q0, kt * _BLOCK, tk=tk, left=left, right=right,
+            keys_on_rows=False), 0.0)
         ds = p * (1.0 - p) * dp
         ds16 = _a_operand(ds.astype(dtype), ds_smem)
         (dq_acc,) = common.accumulate(
             lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
-        return dq_acc, dsum + ds.sum(axis=1)
+        return dq_acc, dsum + ds.sum(axis=1), b2
 
+      valid = (kt >= own_start) & (kt < own_end)
       interior = _interior(q0, kt * _BLOCK, tk=tk, left=left, right=right)
-      return _skip_or(kt < end, interior, step, carry)
+      return _skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
-    pipeline = plgpu.emit_pipeline(
-        body, grid=(jnp.maximum(end - start, 1),),
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(jnp.maximum(cta_end - start, 1),),
+        memory_registers=_MEMORY_REGS,
         in_specs=[plgpu.BlockSpec((_BLOCK, d), clamp, transforms=_TILED),
                   plgpu.BlockSpec((_BLOCK, dv), clamp, transforms=_TILED)],
-        out_specs=[], max_concurrent_steps=2,
-        init_carry=(
-            plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
-            plgpu.layout_cast(jnp.zeros((_BLOCK,), jnp.float32), _ROWS)))
-    dq, dsum = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
-    q_smem[...] = (dq * float(scale)).astype(dtype)   # Q is read no more
-    dsum_smem[...] = dsum
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bb, rows, hh])
-    plgpu.copy_smem_to_gmem(dsum_smem, dsum_ref.at[bb, hh, rows])
-    plgpu.wait_smem_to_gmem(0)
+        max_concurrent_steps=2, num_compute_wgs=_WGS, wg_axis="wg",
+        compute_context=compute)
+    pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
 
-  scratch = [plgpu.SMEM((_BLOCK, d), dtype, transforms=_TILED),
-             plgpu.SMEM((_BLOCK, dv), dtype, transforms=_TILED),
-             plgpu.SMEM((_BLOCK,), jnp.float32),
-             plgpu.Barrier(num_barriers=2)]
+  scratch = [plgpu.SMEM((_WGS, _BLOCK, d), dtype, transforms=_TILED),
+             plgpu.SMEM((_WGS, _BLOCK, dv), dtype, transforms=_TILED),
+             plgpu.SMEM((_WGS, _BLOCK), jnp.float32),
+             plgpu.Barrier(num_barriers=2 * _WGS)]
   if interp is not None:
-    scratch.append(plgpu.SMEM((_BLOCK, _BLOCK), dtype, transforms=_TILED))
+    scratch.append(plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
+                              transforms=_TILED))
   return plgpu.kernel(
-      kernel,
+      sigmoid_dq,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, h, tqp), jnp.float32)),
-      grid=(tqp // _BLOCK, h, b), grid_names=("q", "heads", "batch"),
+      grid=(tqp // _BLOCK // _WGS, h, b), grid_names=("q", "heads", "batch"),
+      num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
       interpret=interp,
   )(q, k, v, bias, do)
@@ -329,8 +348,8 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
   jnp_range = lambda tile: _range(tile, **kw, maximum=jnp.maximum,
                                   minimum=jnp.minimum)
 
-  def kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref,
-             k_smem2, v_smem2, out_smem2, bars, *maybe_a):
+  def sigmoid_dkv(q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref,
+                  k_smem2, v_smem2, out_smem2, bars, *maybe_a):
     ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
     wg = lax.axis_index("wg")      # compute warpgroups 0 and 1
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
@@ -363,17 +382,16 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
     def body(idx, q_smem, do_smem, carry):
       qt = start + idx[0]
 
-      def step(carry, masked):
+      def step(carry, interior):
         dk_acc, dv_acc, b2 = carry
         def mma(st_ref, dpt_ref):
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
         st, dpt = _products(mma, [(_BLOCK, _BLOCK)] * 2)   # [keys, queries]
         pt = _sigmoid(st * c + _bcast(b2, st.shape, 0))
-        if masked:
-          vis = _visible(k0, qt * _BLOCK, tk=tk, left=left, right=right,
-                         keys_on_rows=True)
-          pt = jnp.where(vis, pt, 0.0)
+        pt = _edge_mask(pt, interior, lambda: _visible(
+            k0, qt * _BLOCK, tk=tk, left=left, right=right,
+            keys_on_rows=True), 0.0)
         dst = pt * (1.0 - pt) * dpt
         pt16 = _a_operand(pt.astype(dtype), pt_smem)
         dst16 = _a_operand(dst.astype(dtype), dst_smem)
@@ -405,7 +423,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
     scratch += [plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
                            transforms=_TILED)] * 2
   return plgpu.kernel(
-      kernel,
+      sigmoid_dkv,
       out_type=(jax.ShapeDtypeStruct((b, tkp, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, tkp, h, dv), out_dtype)),
       grid=(tkp // _BLOCK // _WGS, h, b), grid_names=("kv", "heads", "batch"),

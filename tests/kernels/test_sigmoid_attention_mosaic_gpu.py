@@ -139,6 +139,24 @@ def test_interpret_dkv_skips_the_other_warpgroups_tiles():
     assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
 
 
+def test_interpret_dq_skips_the_other_warpgroups_tiles():
+  # Causal window 10, T = 512: query tiles 0 and 1 share a dq CTA, which
+  # streams key tiles 0 and 1; query tile 0 reaches key tile 0 only. With
+  # NaN keys and values in tile 1 (64..127), dq of queries 0..63 stays
+  # exact, so that warpgroup did no math with its partner's tile.
+  t, left = 512, 10
+  q, k, v, w, bias = _inputs(t, t, 2, 1, 64, 64, jnp.bfloat16, seed=8)
+  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
+      q, k, v, b, left=left, right=0, scale=0.125, interpret=True)
+  ref = lambda q, k, v, b: oracle(q, k, v, bias=b, scale=0.125, left=left,
+                                  right=0)
+  poison = lambda x: x.at[:, 64:128].set(jnp.nan)
+  dq = _grads(fn, q, poison(k), poison(v), bias, w)[0]
+  dq_ref = _grads(ref, q, k, v, bias, w)[0]
+  _check_close(dq[:, :64], dq_ref[:, :64], "dq[:64]")
+  assert np.isnan(np.asarray(dq[:, 64:128], np.float32)).any()
+
+
 # --------------------------------------------------------------- lowering ---
 
 
