@@ -137,6 +137,19 @@ def _bias_rows(bias_ref, hh):
   return plgpu.load(bias_ref.at[hh], layout=_ROWS, optimized=False)
 
 
+def _own_tiles(copies, bars, wg, bias_ref, hh):
+  """In compute warpgroup wg of a warp-specialized backward kernel: TMA-loads
+  its two own tiles (`copies`: (GMEM source, SMEM destination) pairs, on
+  barriers wg and _WGS + wg) and returns head hh's bias row in log2 units
+  once both have landed."""
+  for n, (src, dst) in enumerate(copies):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[n * _WGS + wg])
+  b2 = _bias_rows(bias_ref, hh) * _LOG2E
+  for n in range(len(copies)):
+    plgpu.barrier_wait(bars.at[n * _WGS + wg])
+  return b2
+
+
 # ---------------------------------------------------------------- kernels ---
 
 
@@ -265,12 +278,9 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
     rows = pl.ds(q0, _BLOCK)
 
     def compute(pipeline):   # per compute warpgroup, around its steps
-      plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[wg])
-      plgpu.copy_gmem_to_smem(do_ref.at[bb, rows, hh], do_smem,
-                              bars.at[_WGS + wg])
-      b2 = _bias_rows(bias_ref, hh) * _LOG2E
-      plgpu.barrier_wait(bars.at[wg])
-      plgpu.barrier_wait(bars.at[_WGS + wg])
+      b2 = _own_tiles(((q_ref.at[bb, rows, hh], q_smem),
+                       (do_ref.at[bb, rows, hh], do_smem)), bars, wg,
+                      bias_ref, hh)
       dq, dsum, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((_BLOCK,), jnp.float32), _ROWS), b2))
@@ -364,12 +374,9 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
     keys = pl.ds(k0, _BLOCK)
 
     def compute(pipeline):   # per compute warpgroup, around its steps
-      plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh], k_smem, bars.at[wg])
-      plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh], v_smem,
-                              bars.at[_WGS + wg])
-      b2 = _bias_rows(bias_ref, hh) * _LOG2E
-      plgpu.barrier_wait(bars.at[wg])
-      plgpu.barrier_wait(bars.at[_WGS + wg])
+      b2 = _own_tiles(((k_ref.at[bb, keys, kvh], k_smem),
+                       (v_ref.at[bb, keys, kvh], v_smem)), bars, wg,
+                      bias_ref, hh)
       dk, dv_, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((_BLOCK, dv), jnp.float32), _WGMMA),

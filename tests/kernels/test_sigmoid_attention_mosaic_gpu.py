@@ -121,19 +121,25 @@ def test_interpret_skipped_tiles_are_never_used():
   assert np.isnan(np.asarray(o[:, 128:256], np.float32)).any()
 
 
+def _window10_grads(seed, poison):
+  """(kernel's, oracle's) dq, dk, dv, dbias for causal window 10, T = 512;
+  the kernel's q, k, v first pass through poison(q, k, v)."""
+  kw = dict(left=10, right=0, scale=0.125)
+  q, k, v, w, bias = _inputs(512, 512, 2, 1, 64, 64, jnp.bfloat16, seed=seed)
+  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(q, k, v, b, **kw,
+                                                    interpret=True)
+  ref = lambda q, k, v, b: oracle(q, k, v, bias=b, **kw)
+  return (_grads(fn, *poison(q, k, v), bias, w),
+          _grads(ref, q, k, v, bias, w))
+
+
 def test_interpret_dkv_skips_the_other_warpgroups_tiles():
   # As the softmax kernels' test: causal window 10, T = 512; NaN queries in
   # tile 2 reach keys 64..191 only, so dk, dv of keys 0..63 (whose
   # warpgroup shares a CTA, and the streamed tile 2, with key tile 1) stay
   # exact.
-  t, left = 512, 10
-  q, k, v, w, bias = _inputs(t, t, 2, 1, 64, 64, jnp.bfloat16, seed=7)
-  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
-      q, k, v, b, left=left, right=0, scale=0.125, interpret=True)
-  ref = lambda q, k, v, b: oracle(q, k, v, bias=b, scale=0.125, left=left,
-                                  right=0)
-  _, dk, dv, _ = _grads(fn, q.at[:, 128:192].set(jnp.nan), k, v, bias, w)
-  _, dk_ref, dv_ref, _ = _grads(ref, q, k, v, bias, w)
+  (_, dk, dv, _), (_, dk_ref, dv_ref, _) = _window10_grads(
+      7, lambda q, k, v: (q.at[:, 128:192].set(jnp.nan), k, v))
   for name, g, g_ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
     _check_close(g[:, :64], g_ref[:, :64], f"{name}[:64]")
     assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
@@ -144,15 +150,9 @@ def test_interpret_dq_skips_the_other_warpgroups_tiles():
   # streams key tiles 0 and 1; query tile 0 reaches key tile 0 only. With
   # NaN keys and values in tile 1 (64..127), dq of queries 0..63 stays
   # exact, so that warpgroup did no math with its partner's tile.
-  t, left = 512, 10
-  q, k, v, w, bias = _inputs(t, t, 2, 1, 64, 64, jnp.bfloat16, seed=8)
-  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
-      q, k, v, b, left=left, right=0, scale=0.125, interpret=True)
-  ref = lambda q, k, v, b: oracle(q, k, v, bias=b, scale=0.125, left=left,
-                                  right=0)
   poison = lambda x: x.at[:, 64:128].set(jnp.nan)
-  dq = _grads(fn, q, poison(k), poison(v), bias, w)[0]
-  dq_ref = _grads(ref, q, k, v, bias, w)[0]
+  (dq, *_), (dq_ref, *_) = _window10_grads(
+      8, lambda q, k, v: (q, poison(k), poison(v)))
   _check_close(dq[:, :64], dq_ref[:, :64], "dq[:64]")
   assert np.isnan(np.asarray(dq[:, 64:128], np.float32)).any()
 
