@@ -211,21 +211,42 @@ def test_interpret_never_touches_tiles_outside_range():
   assert np.isnan(np.asarray(o[:, 64:192], np.float32)).any()
 
 
+def _window10_grads(seed, poison):
+  """(kernel's, oracle's) dq, dk, dv for causal window 10, T = 512; the
+  kernel's q, k, v first pass through poison(q, k, v)."""
+  kw = dict(left=10, right=0, scale=0.125)
+  q, k, v, w = _inputs(512, 2, 1, 64, jnp.bfloat16, seed=seed)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(q, k, v, **kw,
+                                                        interpret=True)
+  ref = lambda q, k, v: oracle(q, k, v, **kw)
+  return _grads(fn, *poison(q, k, v), w), _grads(ref, q, k, v, w)
+
+
 def test_interpret_dkv_skips_the_other_warpgroups_tiles():
   # Causal window 10, T = 512: the dk/dv CTA of key tiles 0 and 1 streams
   # query tiles 0..2; key tile 0's warpgroup reaches only 0 and 1 and must
   # skip tile 2. NaN queries in tile 2 (rows 128..191) then leave dk, dv of
   # keys 0..63 exact, while keys 64..191 (which those queries see) get NaN.
-  t, left = 512, 10
-  q, k, v, w = _inputs(t, 2, 1, 64, jnp.bfloat16, seed=7)
-  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=0.125, interpret=True)
-  ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=0.125)
-  _, dk, dv = _grads(fn, q.at[:, 128:192].set(jnp.nan), k, v, w)
-  _, dk_ref, dv_ref = _grads(ref, q, k, v, w)
+  (_, dk, dv), (_, dk_ref, dv_ref) = _window10_grads(
+      7, lambda q, k, v: (q.at[:, 128:192].set(jnp.nan), k, v))
   for name, g, g_ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
     _check_close(g[:, :64], g_ref[:, :64], f"{name}[:64]")
     assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
+
+
+def test_interpret_dq_skips_the_other_warpgroups_tiles():
+  # Causal window 10, T = 512: a dq CTA holds query tiles 2c and 2c + 1 and
+  # streams the key tiles both reach. Query tile 0 reaches key tile 0 only
+  # (CTA 0 streams 0, 1); query tile 3 reaches key tiles 2, 3 (CTA 1
+  # streams 1..3). NaN keys and values in tile 1 (64..127) must leave dq of
+  # queries 0..63 and 192..255 exact: each warpgroup skipped its partner's
+  # tiles at both ends of its own range.
+  poison = lambda x: x.at[:, 64:128].set(jnp.nan)
+  (dq, _, _), (dq_ref, _, _) = _window10_grads(
+      8, lambda q, k, v: (q, poison(k), poison(v)))
+  for rows in (slice(0, 64), slice(192, 256)):
+    _check_close(dq[:, rows], dq_ref[:, rows], f"dq[{rows}]")
+  assert np.isnan(np.asarray(dq[:, 64:192], np.float32)).any()
 
 
 def test_interpret_tiny_t():

@@ -146,15 +146,18 @@ def test_interpret_dkv_skips_the_other_warpgroups_tiles():
 
 
 def test_interpret_dq_skips_the_other_warpgroups_tiles():
-  # Causal window 10, T = 512: query tiles 0 and 1 share a dq CTA, which
-  # streams key tiles 0 and 1; query tile 0 reaches key tile 0 only. With
-  # NaN keys and values in tile 1 (64..127), dq of queries 0..63 stays
-  # exact, so that warpgroup did no math with its partner's tile.
+  # Causal window 10, T = 512: a dq CTA holds query tiles 2c and 2c + 1 and
+  # streams the key tiles both reach. Query tile 0 reaches key tile 0 only
+  # (CTA 0 streams 0, 1); query tile 3 reaches key tiles 2, 3 (CTA 1
+  # streams 1..3). NaN keys and values in tile 1 (64..127) must leave dq of
+  # queries 0..63 and 192..255 exact: each warpgroup skipped its partner's
+  # tiles at both ends of its own range.
   poison = lambda x: x.at[:, 64:128].set(jnp.nan)
   (dq, *_), (dq_ref, *_) = _window10_grads(
       8, lambda q, k, v: (q, poison(k), poison(v)))
-  _check_close(dq[:, :64], dq_ref[:, :64], "dq[:64]")
-  assert np.isnan(np.asarray(dq[:, 64:128], np.float32)).any()
+  for rows in (slice(0, 64), slice(192, 256)):
+    _check_close(dq[:, rows], dq_ref[:, rows], f"dq[{rows}]")
+  assert np.isnan(np.asarray(dq[:, 64:192], np.float32)).any()
 
 
 # --------------------------------------------------------------- lowering ---
