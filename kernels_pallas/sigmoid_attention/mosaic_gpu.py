@@ -137,6 +137,21 @@ def _bias_rows(bias_ref, hh):
   return plgpu.load(bias_ref.at[hh], layout=_ROWS, optimized=False)
 
 
+def _cta(tile_axis, group, jnp_range):
+  """Where a warp-specialized kernel's compute warpgroup is (grid
+  (tile_axis, "heads", "batch"), warpgroups on "wg"): (wg, head, kv head,
+  batch, its own tile, [start, cta_end) of the partner tiles its CTA
+  streams (both warpgroups' ranges together), [own_start, own_end) of its
+  own tile; jnp_range(tile) gives a tile's range)."""
+  ct, hh, bb = (lax.axis_index(a) for a in (tile_axis, "heads", "batch"))
+  wg = lax.axis_index("wg")      # compute warpgroups 0 .. _WGS - 1
+  kvh = lax.div(hh, jnp.array(group, hh.dtype))
+  start, _ = jnp_range(_WGS * ct)
+  _, cta_end = jnp_range(_WGS * ct + _WGS - 1)
+  tile = _WGS * ct + wg
+  return (wg, hh, kvh, bb, tile, start, cta_end, *jnp_range(tile))
+
+
 def _own_tiles(copies, bars, wg, bias_ref, hh):
   """In compute warpgroup wg of a warp-specialized backward kernel: TMA-loads
   its two own tiles (`copies`: (GMEM source, SMEM destination) pairs, on
@@ -175,14 +190,9 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
 
   def sigmoid_forward(q_ref, k_ref, v_ref, bias_ref, o_ref, q_smem2,
                       o_smem2, bars, *maybe_p):
-    ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
-    wg = lax.axis_index("wg")
-    kvh = lax.div(hh, jnp.array(group, hh.dtype))
-    start, _ = jnp_range(_WGS * ct)
-    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)
-    qt = _WGS * ct + wg
+    wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = _cta(
+        "q", group, jnp_range)
     q0 = qt * bq
-    own_start, own_end = jnp_range(qt)
     q_smem = q_smem2.at[wg]
     p_smem = maybe_p[0].at[wg] if maybe_p else None
     rows = pl.ds(q0, bq)
@@ -265,14 +275,9 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
 
   def sigmoid_dq(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dsum_ref,
                  q_smem2, do_smem2, dsum_smem2, bars, *maybe_ds):
-    ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
-    wg = lax.axis_index("wg")      # compute warpgroups 0 and 1
-    kvh = lax.div(hh, jnp.array(group, hh.dtype))
-    start, _ = jnp_range(_WGS * ct)      # the CTA's key tiles: [start,
-    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)   # cta_end)
-    qt = _WGS * ct + wg
+    wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = _cta(
+        "q", group, jnp_range)
     q0 = qt * _BLOCK
-    own_start, own_end = jnp_range(qt)
     q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
     ds_smem = maybe_ds[0].at[wg] if maybe_ds else None
     rows = pl.ds(q0, _BLOCK)
@@ -360,14 +365,9 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
 
   def sigmoid_dkv(q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref,
                   k_smem2, v_smem2, out_smem2, bars, *maybe_a):
-    ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
-    wg = lax.axis_index("wg")      # compute warpgroups 0 and 1
-    kvh = lax.div(hh, jnp.array(group, hh.dtype))
-    start, _ = jnp_range(_WGS * ct)      # the CTA's query tiles: [start,
-    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)   # cta_end)
-    kt = _WGS * ct + wg
+    wg, hh, kvh, bb, kt, start, cta_end, own_start, own_end = _cta(
+        "kv", group, jnp_range)
     k0 = kt * _BLOCK
-    own_start, own_end = jnp_range(kt)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
     pt_smem, dst_smem = ((maybe_a[0].at[wg], maybe_a[1].at[wg])
                          if maybe_a else (None, None))
