@@ -30,18 +30,24 @@ them, and XLA gathers the output back (padded rows read token 0 and are
 never seen; their cotangents are exactly 0).
 
 Block sparsity. A CTA handles one (64-row tile, head, batch). The plan
-lists, per query tile, its visited key tiles (ascending) with a count and a
-per-pair *interior* flag (every query of the tile sees every key: no mask);
-the transposed lists give, per key tile, the query tiles reaching it. The
+lists, per query tile, its visited key tiles (ascending) with a count; the
+transposed lists give, per key tile, the query tiles reaching it. The
 lists are int32 GMEM inputs read as scalars: the CTA reads count[tile] and
 runs an `emit_pipeline` of exactly that many steps (a dynamic grid: there is
 no step past the count, so nothing is loaded or computed for it); step i
-TMA-loads (double-buffered) the partner tile list[tile, i] and reads
-interior[tile, i] to take the unmasked or the masked branch. The CTA's own
-box or coordinate rows sit in registers from the start; the partner tile's
-rows (one [64] int32 row per axis, or two for boxes) ride along in the
-pipeline and are read from SMEM only by a masked step, which evaluates the
-box mask (2A compares an element).
+TMA-loads (double-buffered) the partner tile list[tile, i] and its mask.
+
+Masks. `plan.mask_tiles` gives every visited pair the id of its [64, 64]
+mask among the plan's distinct ones (a neighborhood repeats a few relative
+offsets: 50 distinct masks for 2116 pairs at kernel 13 on 128 x 128 tokens;
+id 0, all visible, serves every interior pair). The masks are a bfloat16
+table of additive biases in log2 units, 0 where visible and `common.MASK`
+elsewhere (transposed for dk/dv), and the pipeline loads the step's bias
+tile beside K and V; every step adds it to its scores, s' = s log2(e) scale
++ bias, with no branch and no per-element comparison. This replaced box
+masks evaluated in the kernel (2A comparisons an element, behind a branch
+on an interior flag): the three kernels together 1.09-1.36x faster on
+the H200, dq up to 1.57x (BENCHMARKS.md 4f).
 
 Kernels (one warpgroup per CTA; every matmul a wgmma with float32
 accumulation; P and dS rounded to the input dtype before their matmul):
@@ -49,18 +55,21 @@ accumulation; P and dS rounded to the input dtype before their matmul):
   forward  (grid: query tiles, H, B): online softmax in base 2 over the
     listed key tiles,
       m' = max(m, rowmax(s')),  l' = 2^(m - m') l + rowsum(2^(s' - m')),
-      acc' = 2^(m - m') acc + 2^(s' - m') V,   s' = s log2(e),
-    then o = acc / l and lse' = m + log2 l (saved, in log2 units).
+      acc' = 2^(m - m') acc + 2^(s' - m') V,
+    then o = acc / l (stored through Q's SMEM buffer when D == V) and
+    lse' = m + log2 l (saved, in log2 units).
   dq       (same grid and lists): p = 2^(s' - lse'), dp = dO V^T,
-    dq += ds K, scaled at the end.
+    dq += ds K, scaled at the end (stored through Q's buffer).
   dk/dv    (grid: key tiles, H, B; transposed lists): on s^T = K Q^T so
     that lse and delta arrive as per-column vectors (pipelined with Q and
     dO); per QUERY head, in float32 when H > Hkv, and each group of
-    H // Hkv heads is summed in XLA.
+    H // Hkv heads is summed in XLA. With H == Hkv the outputs leave
+    through K and V's own buffers, so two CTAs fit an SM.
 
-Masked scores are the large finite negative `common.MASK`, not -inf: a row
-whose first tiles show it no key never takes inf - inf, and its junk sums
-are scaled by 2^(MASK - m) = 0 once a visible key arrives (every real query
+Masked scores are the large finite negative `common.MASK` (the bias
+swamps the score: bias + s == bias in float32), not -inf: a row whose
+first tiles show it no key never takes inf - inf, and its junk sums are
+scaled by 2^(MASK - m) = 0 once a visible key arrives (every real query
 sees itself). Padded query rows (empty boxes) keep junk, finite outputs
 that are dropped.
 
@@ -103,59 +112,27 @@ _bcast = common.bcast
 
 
 def _tables(plan):
-  """The plan as int32 device arrays: per-axis rows [A, R] of the query
-  boxes (lo, hi) and key coordinates, and the lists (interior as 0/1)."""
+  """The plan as device arrays: the lists (int32) and the mask tiles as
+  additive biases in log2 units, 0 where visible and common.MASK elsewhere,
+  bfloat16 [U * 64, 64] with queries on rows (`bias`) and transposed, keys
+  on rows (`bias_t`); tile u is rows [64 u, 64 u + 64)."""
+  masks = plan_lib.mask_tiles(plan)
   i32 = lambda x: jnp.asarray(np.ascontiguousarray(x), jnp.int32)
-  return dict(lo=i32(plan.q_lo.T), hi=i32(plan.q_hi.T), kc=i32(plan.k_coord.T),
-              kv_tiles=i32(plan.kv_tiles), kv_count=i32(plan.kv_count),
-              kv_inter=i32(plan.kv_interior), q_tiles=i32(plan.q_tiles),
-              q_count=i32(plan.q_count), q_inter=i32(plan.q_interior))
+  bias = np.where(masks.tiles, 0.0, common.MASK).astype(np.float32)
+  as_rows = lambda x: jnp.asarray(x.reshape(-1, BLOCK), jnp.bfloat16)
+  return dict(kv_tiles=i32(plan.kv_tiles), kv_count=i32(plan.kv_count),
+              kv_mask=i32(masks.kv_ids), q_tiles=i32(plan.q_tiles),
+              q_count=i32(plan.q_count), q_mask=i32(masks.q_ids),
+              bias=as_rows(bias), bias_t=as_rows(bias.transpose(0, 2, 1)))
 
 
-def _own(ref, row0, layout):
-  """The CTA's own tile: rows [row0, row0 + 64) of each axis of an [A, R]
-  int32 GMEM table, as A register vectors in `layout` (loaded once)."""
-  return [plgpu.load(ref.at[a, pl.ds(row0, BLOCK)], layout=layout,
-                     optimized=False) for a in range(ref.shape[0])]
-
-
-def _axes(ref):
-  """An [A, R] GMEM table as A pipeline operands [R] (one TMA each)."""
-  return [ref.at[a] for a in range(ref.shape[0])]
-
-
-def _partner(smems):
-  """The step's partner tile: its pipelined [64] table rows (SMEM) as
-  column vectors, loaded when the mask needs them."""
-  return [plgpu.load(x, layout=_COLS) for x in smems]
-
-
-def _inside(lo, hi, coord, box_dim):
-  """[64, 64] bool: box (lo, hi: per-axis vectors along dim `box_dim`)
-  contains the point (coord: per-axis vectors along the other dim)."""
-  shape = (BLOCK, BLOCK)
-  ok = None
-  for lo_a, hi_a, c_a in zip(lo, hi, coord):
-    c = _bcast(c_a, shape, 1 - box_dim)
-    inside = (c >= _bcast(lo_a, shape, box_dim)) & (
-        c <= _bcast(hi_a, shape, box_dim))
-    ok = inside if ok is None else ok & inside
-  return ok
-
-
-def _masked_or_not(step, interior, carry):
-  """step(carry, masked=False) on interior pairs, masked=True elsewhere.
-  A branch between two whole step bodies: narrowing it to the score tile
-  (`common.edge_mask`, as the sliding-window and sigmoid kernels do) was no
-  faster here (forward +2%, forward + backward -2%; BENCHMARKS.md 4e)."""
-  return lax.cond(interior != 0, functools.partial(step, masked=False),
-                  functools.partial(step, masked=True), carry)
+def _bias(smem):
+  """The step's [64, 64] mask bias (SMEM, bfloat16) as float32 registers."""
+  return plgpu.load(smem, layout=_WGMMA).astype(jnp.float32)
 
 
 def _spec(cols, tile_of):
-  """Pipeline block of tile `tile_of(i)`: [64, cols] (swizzled) or [64]."""
-  if cols is None:
-    return plgpu.BlockSpec((BLOCK,), lambda i: (tile_of(i),))
+  """Pipeline block: rows [64 tile_of(i), + 64) of a [rows, cols] operand."""
   return plgpu.BlockSpec((BLOCK, cols), lambda i: (tile_of(i), 0),
                          transforms=_TILED)
 
@@ -188,43 +165,33 @@ def _forward(q, k, v, plan, *, scale, interpret):
   dtype = q.dtype
   c = float(scale) * common.LOG2E
   tabs, width = _tables(plan), plan.kv_tiles.shape[1]
-  axes = plan.q_lo.shape[1]
   interp = common.interpret_params(interpret)
 
-  def kernel(q_ref, k_ref, v_ref, tiles_ref, count_ref, inter_ref, lo_ref,
-             hi_ref, kc_ref, o_ref, lse_ref, q_smem, o_smem, lse_smem, bar,
-             *maybe_p):
+  def kernel(q_ref, k_ref, v_ref, tiles_ref, count_ref, mask_ref, bias_ref,
+             o_ref, lse_ref, q_smem, o_smem, lse_smem, bar, *maybe_p):
     p_smem = maybe_p[0] if maybe_p else None
+    o_smem = q_smem if o_smem is None else o_smem   # Q's buffer when D == V
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = _heads(hh, group)
     rows_q = pl.ds(qt * BLOCK, BLOCK)
     plgpu.copy_gmem_to_smem(q_ref.at[bb, rows_q, hh], q_smem, bar)
-    lo, hi = _own(lo_ref, qt * BLOCK, _ROWS), _own(hi_ref, qt * BLOCK, _ROWS)
     plgpu.barrier_wait(bar)
 
-    def body(idx, k_smem, v_smem, *kc_smems_and_carry):
-      (i,), (*kc_smems, carry) = idx, kc_smems_and_carry
-
-      def step(carry, masked):
-        m, l, acc = carry
-        (s,) = common.products(
-            lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
-            [(BLOCK, BLOCK)])
-        s = s * c                                        # log2 units
-        if masked:
-          vis = _inside(lo, hi, _partner(kc_smems), box_dim=0)
-          s = jnp.where(vis, s, common.MASK)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * _bcast(alpha, acc.shape, 0)
-        p16 = common.a_operand(p.astype(dtype), p_smem)
-        (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
-                                   (acc,), interp)
-        return m_new, l, acc
-
-      return _masked_or_not(step, inter_ref[qt, i], carry)
+    def body(idx, k_smem, v_smem, bias_smem, carry):
+      m, l, acc = carry
+      (s,) = common.products(
+          lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
+          [(BLOCK, BLOCK)])
+      s = s * c + _bias(bias_smem)                     # log2 units, masked
+      m_new = jnp.maximum(m, s.max(axis=1))
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * _bcast(alpha, acc.shape, 0)
+      p16 = common.a_operand(p.astype(dtype), p_smem)
+      (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
+                                 (acc,), interp)
+      return m_new, l, acc
 
     tile_of = lambda i: tiles_ref[qt, i]
     init = (
@@ -233,11 +200,11 @@ def _forward(q, k, v, plan, *, scale, interpret):
         plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA))
     m, l, acc = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=[_spec(d, tile_of), _spec(dv, tile_of)]
-        + [_spec(None, tile_of)] * axes,
+        in_specs=[_spec(d, tile_of), _spec(dv, tile_of),
+                  _spec(BLOCK, lambda i: mask_ref[qt, i])],
         max_concurrent_steps=min(2, width), init_carry=init,
-    )(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], *_axes(kc_ref))
-    o_smem[...] = (acc / _bcast(l, acc.shape, 0)).astype(dtype)
+    )(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], bias_ref)
+    o_smem[...] = (acc / _bcast(l, acc.shape, 0)).astype(dtype)   # Q is done
     lse_smem[...] = m + jnp.log2(l)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, rows_q, hh])
@@ -245,14 +212,15 @@ def _forward(q, k, v, plan, *, scale, interpret):
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
-             plgpu.SMEM((BLOCK, dv), dtype, transforms=_TILED),
+             None if d == dv else plgpu.SMEM((BLOCK, dv), dtype,
+                                             transforms=_TILED),
              plgpu.SMEM((BLOCK,), jnp.float32), plgpu.Barrier()]
   out_type = (jax.ShapeDtypeStruct((b, rows, h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, rows), jnp.float32))
   return _kernel_call(
       kernel, out_type, ("q", "heads", "batch"), rows // BLOCK, b, h,
       scratch, interp, 1, q, k, v, tabs["kv_tiles"], tabs["kv_count"],
-      tabs["kv_inter"], tabs["lo"], tabs["hi"], tabs["kc"])
+      tabs["kv_mask"], tabs["bias"])
 
 
 # --------------------------------------------------------------- backward ---
@@ -265,12 +233,11 @@ def _backward_dq(q, k, v, do, lse, delta, plan, *, scale, interpret):
   dtype = q.dtype
   c = float(scale) * common.LOG2E
   tabs, width = _tables(plan), plan.kv_tiles.shape[1]
-  axes = plan.q_lo.shape[1]
   interp = common.interpret_params(interpret)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tiles_ref,
-             count_ref, inter_ref, lo_ref, hi_ref, kc_ref, dq_ref, q_smem,
-             do_smem, dq_smem, bars, *maybe_ds):
+             count_ref, mask_ref, bias_ref, dq_ref, q_smem, do_smem, bars,
+             *maybe_ds):
     ds_smem = maybe_ds[0] if maybe_ds else None
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = _heads(hh, group)
@@ -281,53 +248,42 @@ def _backward_dq(q, k, v, do, lse, delta, plan, *, scale, interpret):
                        optimized=False)
     delta_i = plgpu.load(delta_ref.at[bb, hh, rows_q], layout=_ROWS,
                          optimized=False)
-    lo, hi = _own(lo_ref, qt * BLOCK, _ROWS), _own(hi_ref, qt * BLOCK, _ROWS)
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
 
-    def body(idx, k_smem, v_smem, *kc_smems_and_carry):
-      (i,), (*kc_smems, dq_acc) = idx, kc_smems_and_carry
-
-      def step(dq_acc, masked):
-        def mma(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
-          plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
-        s, dp = common.products(mma, [(BLOCK, BLOCK)] * 2)
-        p = jnp.exp2(s * c - _bcast(lse_i, s.shape, 0))
-        if masked:
-          p = jnp.where(_inside(lo, hi, _partner(kc_smems), box_dim=0), p,
-                        0.0)
-        ds = p * (dp - _bcast(delta_i, s.shape, 0))
-        ds16 = common.a_operand(ds.astype(dtype), ds_smem)
-        (dq_acc,) = common.accumulate(
-            lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
-        return dq_acc
-
-      return _masked_or_not(step, inter_ref[qt, i], dq_acc)
+    def body(idx, k_smem, v_smem, bias_smem, dq_acc):
+      def mma(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+        plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
+      s, dp = common.products(mma, [(BLOCK, BLOCK)] * 2)
+      p = jnp.exp2(s * c + _bias(bias_smem) - _bcast(lse_i, s.shape, 0))
+      ds = p * (dp - _bcast(delta_i, s.shape, 0))
+      ds16 = common.a_operand(ds.astype(dtype), ds_smem)
+      (dq_acc,) = common.accumulate(
+          lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
+      return dq_acc
 
     tile_of = lambda i: tiles_ref[qt, i]
     dq = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=[_spec(d, tile_of), _spec(dv, tile_of)]
-        + [_spec(None, tile_of)] * axes,
+        in_specs=[_spec(d, tile_of), _spec(dv, tile_of),
+                  _spec(BLOCK, lambda i: mask_ref[qt, i])],
         max_concurrent_steps=min(2, width),
         init_carry=plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32),
                                      _WGMMA),
-    )(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], *_axes(kc_ref))
-    dq_smem[...] = (dq * float(scale)).astype(dtype)
+    )(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], bias_ref)
+    q_smem[...] = (dq * float(scale)).astype(dtype)      # Q is done
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bb, rows_q, hh])
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bb, rows_q, hh])
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
              plgpu.SMEM((BLOCK, dv), dtype, transforms=_TILED),
-             plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
              plgpu.Barrier(num_barriers=2)]
   return _kernel_call(
       kernel, jax.ShapeDtypeStruct(q.shape, dtype), ("q", "heads", "batch"),
       rows // BLOCK, b, h, scratch, interp, 1, q, k, v, do, lse, delta,
-      tabs["kv_tiles"], tabs["kv_count"], tabs["kv_inter"], tabs["lo"],
-      tabs["hi"], tabs["kc"])
+      tabs["kv_tiles"], tabs["kv_count"], tabs["kv_mask"], tabs["bias"])
 
 
 def _backward_dkv(q, k, v, do, lse, delta, plan, *, scale, interpret):
@@ -337,77 +293,65 @@ def _backward_dkv(q, k, v, do, lse, delta, plan, *, scale, interpret):
   group, dv = h // k.shape[2], v.shape[-1]
   dtype = q.dtype
   out_dtype = dtype if group == 1 else jnp.float32
-  out_tf = _TILED if group == 1 else ()
   c = float(scale) * common.LOG2E
   tabs, width = _tables(plan), plan.q_tiles.shape[1]
-  axes = plan.q_lo.shape[1]
   interp = common.interpret_params(interpret)
+  staging = common.dkv_staging(group, 1, BLOCK, d, dv)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, tiles_ref,
-             count_ref, inter_ref, lo_ref, hi_ref, kc_ref, dk_ref, dv_ref,
-             k_smem, v_smem, dk_smem, dv_smem, bars, *maybe_a):
+             count_ref, mask_ref, bias_ref, dk_ref, dv_ref, k_smem, v_smem,
+             out_smem, bars, *maybe_a):
     pt_smem, dst_smem = maybe_a if maybe_a else (None, None)
     kt, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
     kvh = _heads(hh, group)
     rows_k = pl.ds(kt * BLOCK, BLOCK)
     plgpu.copy_gmem_to_smem(k_ref.at[bb, rows_k, kvh], k_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(v_ref.at[bb, rows_k, kvh], v_smem, bars.at[1])
-    kc = _own(kc_ref, kt * BLOCK, _ROWS)           # keys on rows here
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
 
-    def body(idx, q_smem, do_smem, lse_smem, delta_smem, *box_and_carry):
-      (i,), (*box_smems, carry) = idx, box_and_carry
-
-      def step(carry, masked):
-        def mma(st_ref, dpt_ref):
-          plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
-          plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
-        st, dpt = common.products(mma, [(BLOCK, BLOCK)] * 2)  # [keys, queries]
-        lse_j = plgpu.load(lse_smem, layout=_COLS)
-        delta_j = plgpu.load(delta_smem, layout=_COLS)
-        pt = jnp.exp2(st * c - _bcast(lse_j, st.shape, 1))
-        if masked:   # the query tile's boxes, one value per column
-          lo, hi = _partner(box_smems[:axes]), _partner(box_smems[axes:])
-          pt = jnp.where(_inside(lo, hi, kc, box_dim=1), pt, 0.0)
-        dst = pt * (dpt - _bcast(delta_j, st.shape, 1))
-        pt16 = common.a_operand(pt.astype(dtype), pt_smem)
-        dst16 = common.a_operand(dst.astype(dtype), dst_smem)
-        def acc(dk_ref, dv_ref):
-          plgpu.wgmma(dv_ref, pt16, do_smem)
-          plgpu.wgmma(dk_ref, dst16, q_smem)
-        return common.accumulate(acc, carry, interp)
-
-      return _masked_or_not(step, inter_ref[kt, i], carry)
+    def body(idx, q_smem, do_smem, lse_smem, delta_smem, bias_smem, carry):
+      def mma(st_ref, dpt_ref):
+        plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
+        plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+      st, dpt = common.products(mma, [(BLOCK, BLOCK)] * 2)  # [keys, queries]
+      lse_j = plgpu.load(lse_smem, layout=_COLS)
+      delta_j = plgpu.load(delta_smem, layout=_COLS)
+      pt = jnp.exp2(st * c + _bias(bias_smem) - _bcast(lse_j, st.shape, 1))
+      dst = pt * (dpt - _bcast(delta_j, st.shape, 1))
+      pt16 = common.a_operand(pt.astype(dtype), pt_smem)
+      dst16 = common.a_operand(dst.astype(dtype), dst_smem)
+      def acc(dk_ref, dv_ref):
+        plgpu.wgmma(dv_ref, pt16, do_smem)
+        plgpu.wgmma(dk_ref, dst16, q_smem)
+      return common.accumulate(acc, carry, interp)
 
     tile_of = lambda i: tiles_ref[kt, i]
+    row_spec = plgpu.BlockSpec((BLOCK,), lambda i: (tile_of(i),))
     init = (plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32), _WGMMA),
             plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA))
     dk, dv_ = plgpu.emit_pipeline(
         body, grid=(count_ref[kt],),
-        in_specs=[_spec(d, tile_of), _spec(dv, tile_of)]
-        + [_spec(None, tile_of)] * (2 + 2 * axes),
+        in_specs=[_spec(d, tile_of), _spec(dv, tile_of), row_spec, row_spec,
+                  _spec(BLOCK, lambda i: mask_ref[kt, i])],
         max_concurrent_steps=min(2, width), init_carry=init,
     )(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh], lse_ref.at[bb, hh],
-      delta_ref.at[bb, hh], *_axes(lo_ref), *_axes(hi_ref))
-    dk_smem[...] = (dk * float(scale)).astype(out_dtype)
-    dv_smem[...] = dv_.astype(out_dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dk_smem, dk_ref.at[bb, rows_k, hh])
-    plgpu.copy_smem_to_gmem(dv_smem, dv_ref.at[bb, rows_k, hh])
-    plgpu.wait_smem_to_gmem(0)
+      delta_ref.at[bb, hh], bias_ref)
+    # 16-bit outputs go out through K and V's own buffers (both are done).
+    common.store_dkv((dk * float(scale)).astype(out_dtype),
+                     dv_.astype(out_dtype), dk_ref.at[bb, rows_k, hh],
+                     dv_ref.at[bb, rows_k, hh], k_smem=k_smem, v_smem=v_smem,
+                     staging=out_smem, wg=0)
 
   scratch = [plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
              plgpu.SMEM((BLOCK, dv), dtype, transforms=_TILED),
-             plgpu.SMEM((BLOCK, d), out_dtype, transforms=out_tf),
-             plgpu.SMEM((BLOCK, dv), out_dtype, transforms=out_tf),
-             plgpu.Barrier(num_barriers=2)]
+             staging, plgpu.Barrier(num_barriers=2)]
   out_type = (jax.ShapeDtypeStruct((b, rows, h, d), out_dtype),
               jax.ShapeDtypeStruct((b, rows, h, dv), out_dtype))
   return _kernel_call(
       kernel, out_type, ("kv", "heads", "batch"), rows // BLOCK, b, h,
       scratch, interp, 2, q, k, v, do, lse, delta, tabs["q_tiles"],
-      tabs["q_count"], tabs["q_inter"], tabs["lo"], tabs["hi"], tabs["kc"])
+      tabs["q_count"], tabs["q_mask"], tabs["bias_t"])
 
 
 # ------------------------------------------------------------ entry point ---

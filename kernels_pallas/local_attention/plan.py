@@ -225,6 +225,74 @@ def from_boxes(q_lo, q_hi, k_coord, perm, block_q: int, block_k: int) -> Plan:
               q_interior=qs[2])
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskTiles:
+  """A plan's masks as deduplicated [block_q, block_k] tiles (`mask_tiles`).
+
+  Attributes:
+    tiles: [U, block_q, block_k] bool, the distinct masks of visited pairs;
+      tiles[0] is all True (every interior pair, and any pair whose rows all
+      see each other, points at it).
+    kv_ids: [nq, max_kv] int32, the mask of pair (query tile t, key tile
+      kv_tiles[t, i]) is tiles[kv_ids[t, i]] (rows: queries of t).
+    q_ids: [nk, max_q] int32, likewise per key tile: the pair (query tile
+      q_tiles[t, i], key tile t) has the mask tiles[q_ids[t, i]] (rows:
+      queries; transpose it for keys on rows).
+  Entries past a list's count repeat its last pair's id.
+  """
+  tiles: np.ndarray
+  kv_ids: np.ndarray
+  q_ids: np.ndarray
+
+
+def _pair_masks(plan: Plan, q_tiles, k_tiles) -> np.ndarray:
+  """[P, block_q, block_k] bool: the masks of pairs (q_tiles[p], k_tiles[p])."""
+  bq, bk = plan.block_q, plan.block_k
+  lo = plan.q_lo.reshape(-1, bq, plan.q_lo.shape[1])[q_tiles]   # [P, bq, A]
+  hi = plan.q_hi.reshape(-1, bq, plan.q_lo.shape[1])[q_tiles]
+  kc = plan.k_coord.reshape(-1, bk, plan.q_lo.shape[1])[k_tiles]  # [P, bk, A]
+  return np.all((kc[:, None] >= lo[:, :, None]) & (kc[:, None] <= hi[:, :, None]),
+                axis=3)
+
+
+@functools.lru_cache(maxsize=64)
+def mask_tiles(plan: Plan) -> MaskTiles:
+  """Every visited pair's mask as an id into a table of distinct tiles.
+
+  Kernels that add a tile's bias (0 where visible, a large negative value
+  elsewhere) to their scores apply the exact mask with one add an element
+  instead of 2A comparisons; the distinct tiles are few (a neighborhood's
+  pairs repeat a handful of relative offsets), so the table stays small
+  (cached per plan, which is itself cached).
+  """
+  nq, width = plan.kv_tiles.shape
+  q_of = np.repeat(np.arange(nq), width)
+  k_of = plan.kv_tiles.reshape(-1)
+  masks = _pair_masks(plan, q_of, k_of).reshape(q_of.size, -1)
+  full = np.ones((1, masks.shape[1]), bool)
+  packed = np.packbits(np.concatenate([full, masks]), axis=1)
+  uniq, first, inverse = np.unique(packed, axis=0, return_index=True,
+                                   return_inverse=True)
+  # Renumber so that the all-True tile (row 0 of `packed`) is id 0.
+  order = np.argsort(first, kind="stable")
+  rank = np.empty_like(order)
+  rank[order] = np.arange(order.size)
+  ids = rank[inverse.reshape(-1)]
+  tiles = np.unpackbits(uniq[order], axis=1, count=masks.shape[1]).astype(bool)
+  kv_ids = ids[1:].reshape(nq, width)
+  # The transposed lists name the same pairs: look each up in kv_ids.
+  nk = plan.q_tiles.shape[0]
+  pair_key = q_of.astype(np.int64) * nk + k_of
+  order_k = np.argsort(pair_key, kind="stable")
+  want = (plan.q_tiles.astype(np.int64) * nk
+          + np.arange(nk)[:, None]).reshape(-1)
+  at = order_k[np.searchsorted(pair_key, want, sorter=order_k)]
+  q_ids = ids[1:][at].reshape(plan.q_tiles.shape)
+  return MaskTiles(
+      tiles=_frozen(tiles.reshape(-1, plan.block_q, plan.block_k)),
+      kv_ids=_frozen(kv_ids, np.int32), q_ids=_frozen(q_ids, np.int32))
+
+
 # ---------------------------------------------------------------------------
 # Neighborhood attention.
 # ---------------------------------------------------------------------------

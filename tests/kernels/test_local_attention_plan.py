@@ -174,3 +174,32 @@ def test_neighborhood_plan_rejects_bad_args():
     plan_lib.neighborhood_plan((10, 10), 3, 1, (1, 2, 3))
   with pytest.raises(ValueError, match="tile_shape"):
     plan_lib.neighborhood_plan((10, 10), 3, tile_shape=(0, 4))
+
+
+@pytest.mark.parametrize("spatial,kernel,dilation,stride,causal,tile",
+                         MASK_CASES + [((24, 24), 13, 1, 1, False, (8, 8))])
+def test_mask_tiles_match_row_mask(spatial, kernel, dilation, stride, causal,
+                                   tile):
+  """Every listed pair's mask tile (both list directions, padding entries
+  included) equals the brute-force row mask's block; tiles are distinct,
+  tile 0 is all visible and every interior pair points at it."""
+  p = plan_lib.neighborhood_plan(spatial, kernel, dilation, stride, causal,
+                                 tile)
+  m = plan_lib.mask_tiles(p)
+  mask = _row_mask(p)
+  bq, bk = p.block_q, p.block_k
+  block = lambda qt, kt: mask[qt * bq:(qt + 1) * bq, kt * bk:(kt + 1) * bk]
+  assert m.tiles.shape[1:] == (bq, bk) and m.tiles[0].all()
+  packed = np.packbits(m.tiles.reshape(len(m.tiles), -1), axis=1)
+  assert len(np.unique(packed, axis=0)) == len(m.tiles)
+  assert m.kv_ids.shape == p.kv_tiles.shape
+  assert m.q_ids.shape == p.q_tiles.shape
+  for qt, row in enumerate(p.kv_tiles):
+    for i, kt in enumerate(row):
+      np.testing.assert_array_equal(m.tiles[m.kv_ids[qt, i]], block(qt, kt))
+  for kt, row in enumerate(p.q_tiles):
+    for i, qt in enumerate(row):
+      np.testing.assert_array_equal(m.tiles[m.q_ids[kt, i]], block(qt, kt))
+  assert (m.kv_ids[p.kv_interior] == 0).all()
+  assert (m.q_ids[p.q_interior] == 0).all()
+  assert plan_lib.mask_tiles(p) is m   # cached per plan
