@@ -18,7 +18,8 @@ key row a coordinate k_coord, so that
   mask(i, j) = AND_a  q_lo[i, a] <= k_coord[j, a] <= q_hi[i, a].
 
 The rows are gathered by `perm` in XLA ([B, *S, H, X] -> [B, H, R, X]), the
-kernels run on them, and the output is gathered back by `inv`.
+kernels run on them, and the output is gathered back by `inv` (permute.py:
+the VJPs of both maps are gathers too, not scatter-adds).
 
 Block sparsity. Per query tile the plan lists its visited key tiles (some
 query of the tile sees some key of the tile) with a count and, per pair, an
@@ -76,6 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.local_attention import _tpu_common as common
+from kernels_pallas.local_attention import permute
 from kernels_pallas.local_attention import plan as plan_lib
 
 SUPPORTED_HEAD_DIMS = common.SUPPORTED_HEAD_DIMS
@@ -556,16 +558,17 @@ def neighborhood_attention(q, k, v, *, kernel_size, dilation, stride,
   if jnp.dtype(dtype) == jnp.float16:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   b, n = q.shape[0], plan.n_tokens
-  perm = jnp.asarray(np.maximum(plan.perm, 0))  # padded rows read token 0
-  inv = jnp.asarray(plan.inv)
+  # Padded rows read token 0; the maps' VJPs are gathers (permute.py).
+  to_rows, _ = permute.row_maps(plan.perm, plan.inv, axis=1)
+  _, from_rows = permute.row_maps(plan.perm, plan.inv, axis=2)
   cfg = dict(plan=plan, scale=float(scale), interpret=interpret)
 
   def to_kernel(x):  # [B, *S, H, X] -> [B, H, R, X]
     x = x.reshape(b, n, x.shape[-2], x.shape[-1])
-    return jnp.swapaxes(jnp.take(x, perm, axis=1), 1, 2)
+    return jnp.swapaxes(to_rows(x), 1, 2)
 
   def from_kernel(x):  # [B, H, R, X] -> [B, *S, H, X]
-    x = jnp.swapaxes(jnp.take(x, inv, axis=2), 1, 2)
+    x = jnp.swapaxes(from_rows(x), 1, 2)
     return x.reshape(b, *spatial, x.shape[-2], x.shape[-1])
 
   @jax.custom_vjp
