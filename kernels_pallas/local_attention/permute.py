@@ -27,11 +27,13 @@ import numpy as np
 
 def row_maps(perm: np.ndarray, inv: np.ndarray, axis: int):
   """(to_rows, from_rows) along `axis` for a plan's perm [R] and inv [N]."""
+  # NumPy indices, made constants where each map is traced: jax arrays
+  # created here would be tracers of the caller's trace when it is staged.
   perm = np.asarray(perm)
-  pad = np.nonzero(perm < 0)[0]
-  src = jnp.asarray(np.maximum(perm, 0), jnp.int32)
-  inv_ = jnp.asarray(inv, jnp.int32)
-  real = jnp.asarray(perm >= 0)
+  pad = np.nonzero(perm < 0)[0].astype(np.int32)
+  src = np.maximum(perm, 0).astype(np.int32)
+  inv_ = np.asarray(inv, np.int32)
+  real = perm >= 0
 
   def gather(x, index):
     return jnp.take(x, index, axis=axis)
@@ -39,7 +41,7 @@ def row_maps(perm: np.ndarray, inv: np.ndarray, axis: int):
   def to_rows_t(g):   # [.., R, ..] -> [.., N, ..]
     out = gather(g, inv_)
     if pad.size:
-      extra = gather(g, jnp.asarray(pad, jnp.int32)).sum(axis, keepdims=True)
+      extra = gather(g, pad).sum(axis, keepdims=True)
       out = out + jnp.pad(extra, [(0, 0)] * axis + [(0, out.shape[axis] - 1)]
                           + [(0, 0)] * (out.ndim - axis - 1))
     return out
