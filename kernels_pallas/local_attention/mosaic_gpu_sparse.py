@@ -25,9 +25,32 @@ k_coord[r]:
 
   r sees r'  iff  AND_a  q_lo[r, a] <= k_coord[r', a] <= q_hi[r, a].
 
-XLA gathers the rows ([B, *S, H, X] -> [B, R, H, X]), the kernels run on
-them, and XLA gathers the output back (padded rows read token 0 and are
-never seen; their cotangents are exactly 0).
+How the kernels reach the rows (mosaic_gpu_tiles.py, `io_path`; the same
+kernel bodies, parametrized by a `Layout`: how a CTA loads and stores its
+own tile and how the pipeline addresses partner tiles):
+
+  direct, "sequence" (1-D, dilation 1, tiles of 64): rows are the tokens;
+    TMA boxes x.at[b, pl.ds(64 t, 64), h] of [B, T, H, X] itself (rows past
+    T load as zeros, stores clip).
+  direct, "image" (2-D, dilation 1, 8 x 8 tiles, Ws % 8 == 0, D == V): tile
+    t is the patch (tr, tc) = divmod(t, Ws // 8); TMA boxes [8, 8, X] of
+    the free view [B, Hs, Ws // 8, 8, H, X] (rows past a ragged Hs load as
+    zeros, stores clip), the own tile a RefUnion of its [8, 8, X] and
+    [64, X] SMEM views (wgmma's A operand takes no ref reshape).
+  "gather" (everything else: 3-D, whose [4, 4, 4, X] box plus the head is
+    over TMA's 5 dims; dilation > 1, whose tiles are strided sub-grids;
+    other tile shapes; 2-D with Ws % 8 != 0 or D != V): XLA gathers the
+    rows ([B, *S, H, X] -> [B, R, H, X]), the kernels run on them, and XLA
+    gathers the outputs back (padded rows read token 0).
+
+Padded rows are never seen, and their cotangents are exactly 0 (gathered
+back from nothing, or zero-filled past the array end). lse and delta stay
+in plan-row order [B, H, R] on every path (delta = rowsum(dO o) in XLA,
+reordered by a pad and a transpose on the direct paths); GQA's float32
+per-query-head dk/dv leave in plan-row order [B, R, H, X] and are reordered
+the same way after the group sum. The direct paths skip XLA gathers that
+cost 0.3 of a 0.75 ms forward (kernel 13, 128 x 128, B=2, H=16, D=128) on
+the H200 and give the gather path's outputs bit for bit.
 
 Block sparsity. A CTA handles one (64-row tile, head, batch). The plan
 lists, per query tile, its visited key tiles (ascending) with a count; the
@@ -79,12 +102,13 @@ falls back to "xla" only when no implementation is named), D and V in
 
 Interpret mode (`interpret=True`: Mosaic GPU's CPU interpreter) runs the
 same kernels, with P and dS staged through SMEM and accumulators started
-at zero (see mosaic_gpu_common).
+at zero (see mosaic_gpu_common); on the "image" path it has no ref reshape
+and no aliasing RefUnion, so values are copied between the [8, 8, X] and
+[64, X] views there (interpret only).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -96,6 +120,7 @@ import numpy as np
 
 from kernels_pallas import mosaic_gpu_common as common
 from kernels_pallas.local_attention import mosaic_gpu as swa_gpu
+from kernels_pallas.local_attention import mosaic_gpu_tiles as tiles_lib
 from kernels_pallas.local_attention import plan as plan_lib
 
 SUPPORTED_HEAD_DIMS = swa_gpu.SUPPORTED_HEAD_DIMS
@@ -137,14 +162,15 @@ def _list_smem(tabs, name):
   return plgpu.SMEM(tabs[name].shape[1:], jnp.int32)
 
 
-def _partner_specs(cta_list, cols):
-  """Pipeline blocks of step i: rows of the partner tile cta_list[0, i] of
-  [rows, c] operands (c in `cols`; None for a [rows] vector), then its
-  [64, 64] mask bias tile cta_list[1, i]. cta_list is the CTA's [2, W] row
-  of the lists, in SMEM (TMA-loaded with the CTA's own tile, so the index
-  maps do not read GMEM each step: forward 1.04x, dk/dv 1.06x) or in GMEM."""
+def _partner_specs(lay, cta_list, cols):
+  """Pipeline blocks of step i: the partner tile cta_list[0, i] of [*, c]
+  operands (c in `cols`, addressed by the layout; None for a [B, H, R]
+  vector in plan-row order), then its [64, 64] mask bias tile
+  cta_list[1, i]. cta_list is the CTA's [2, W] row of the lists, in SMEM
+  (TMA-loaded with the CTA's own tile, so the index maps do not read GMEM
+  each step: forward 1.04x, dk/dv 1.06x) or in GMEM."""
   tile_of = lambda i: cta_list[0, i]
-  return [_spec(c, tile_of) if c else
+  return [lay.partner_spec(c, tile_of) if c else
           plgpu.BlockSpec((BLOCK,), lambda i: (tile_of(i),)) for c in cols
           ] + [_spec(BLOCK, lambda i: cta_list[1, i])]
 
@@ -160,52 +186,65 @@ def _spec(cols, tile_of):
                          transforms=_TILED)
 
 
-def _kernel_call(kernel, out_type, grid_names, n_tiles, b, h, scratch,
-                 interp, n_a_operands, *args):
-  """plgpu.kernel over grid (tiles, H, B), one warpgroup a CTA; in interpret
-  mode with n_a_operands [64, 64] SMEM scratch buffers appended."""
-  if interp is not None:   # wgmma A operands through SMEM in interpret mode
-    scratch = scratch + [plgpu.SMEM((BLOCK, BLOCK), args[0].dtype,
-                                    transforms=_TILED)] * n_a_operands
+def _stage(lay, interp, dtype, n_a_operands, partner_cols):
+  """Interpret-mode SMEM scratch (a tuple of Nones on the GPU): the wgmma
+  A operands ([64, 64], `common.a_operand`), then a [64, c] copy of each
+  pipelined partner for "image" (`Layout.partner`)."""
+  a = plgpu.SMEM((BLOCK, BLOCK), dtype, transforms=_TILED)
+  return (tuple(None if interp is None else a for _ in range(n_a_operands))
+          + tuple(lay.partner_stage(c, dtype, interp) for c in partner_cols))
+
+
+def _kernel_call(kernel, out_type, grid_names, lay, b, h, scratch, interp,
+                 *args):
+  """plgpu.kernel over grid (tiles, H, B), one warpgroup a CTA."""
   return plgpu.kernel(
-      kernel, out_type=out_type, grid=(n_tiles, h, b), grid_names=grid_names,
-      scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
-      interpret=interp)(*args)
+      kernel, out_type=out_type, grid=(lay.n_tiles, h, b),
+      grid_names=grid_names, scratch_types=tuple(scratch),
+      compiler_params=common.LANE_PARAMS, interpret=interp)(*args)
 
 
 def _heads(hh, group):
   return lax.div(hh, jnp.array(group, hh.dtype))
 
 
+def _dims(q, k, v):
+  """(B, H, group, D, V) from operand-form q, k, v [.., heads, dim]."""
+  h, d = q.shape[-2:]
+  return q.shape[0], h, h // k.shape[-2], d, v.shape[-1]
+
+
 # ---------------------------------------------------------------- forward ---
 
 
-def _forward(q, k, v, plan, *, scale, interpret):
-  """q [B, R, H, D], k [B, R, Hkv, D], v [B, R, Hkv, V] (rows of `plan`) ->
-  (o [B, R, H, V] q.dtype, lse [B, H, R] float32 in log2 units)."""
-  b, rows, h, d = q.shape
-  group, dv = h // k.shape[2], v.shape[-1]
+def _forward(q, k, v, lay, *, scale, interpret):
+  """q [.., H, D], k [.., Hkv, D], v [.., Hkv, V] in the operand form of
+  `lay` -> (o [.., H, V] q.dtype (operand form), lse [B, H, R] float32 in
+  log2 units, plan-row order)."""
+  b, h, group, d, dv = _dims(q, k, v)
   dtype = q.dtype
   c = float(scale) * common.LOG2E
-  tabs, width = _tables(plan), plan.kv_tiles.shape[1]
+  tabs, width = _tables(lay.plan), lay.plan.kv_tiles.shape[1]
   interp = common.interpret_params(interpret)
 
   def kernel(q_ref, k_ref, v_ref, list_ref, count_ref, bias_ref, o_ref,
-             lse_ref, q_smem, o_smem, lse_smem, list_smem, bars, *maybe_p):
-    p_smem = maybe_p[0] if maybe_p else None
-    o_smem = q_smem if o_smem is None else o_smem   # Q's buffer when D == V
+             lse_ref, q_buf, o_buf, lse_smem, list_smem, bars, stage):
+    p_smem, k_stage, v_stage = stage
+    q_own = lay.own(q_buf, interp)
+    o_own = q_own if o_buf is None else lay.own(o_buf, interp)  # Q's if D==V
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = _heads(hh, group)
-    rows_q = pl.ds(qt * BLOCK, BLOCK)
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, rows_q, hh], q_smem, bars.at[0])
+    q_own.load(lay.own_box(q_ref, bb, qt, hh), bars.at[0])
     plgpu.copy_gmem_to_smem(list_ref.at[qt], list_smem, bars.at[1])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
+    q_own.loaded()
 
-    def body(idx, k_smem, v_smem, bias_smem, carry):
+    def body(idx, k_blk, v_blk, bias_smem, carry):
       m, l, acc = carry
+      k_smem, v_smem = lay.partner(k_blk, k_stage), lay.partner(v_blk, v_stage)
       (s,) = common.products(
-          lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
+          lambda r: plgpu.wgmma(r, q_own.mma, k_smem.transpose((1, 0))),
           [(BLOCK, BLOCK)])
       s = s * c + _bias(bias_smem)                     # log2 units, masked
       m_new = jnp.maximum(m, s.max(axis=1))
@@ -224,60 +263,64 @@ def _forward(q, k, v, plan, *, scale, interpret):
         plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA))
     m, l, acc = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=_partner_specs(list_smem, (d, dv)),
+        in_specs=_partner_specs(lay, list_smem, (d, dv)),
         max_concurrent_steps=min(2, width), init_carry=init,
-    )(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], bias_ref)
-    o_smem[...] = (acc / _bcast(l, acc.shape, 0)).astype(dtype)   # Q is done
+    )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
+      bias_ref)
     lse_smem[...] = m + jnp.log2(l)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, rows_q, hh])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bb, hh, rows_q])
+    o_own.store((acc / _bcast(l, acc.shape, 0)).astype(dtype),   # Q is done
+                lay.own_box(o_ref, bb, qt, hh))
+    plgpu.copy_smem_to_gmem(lse_smem,
+                            lse_ref.at[bb, hh, pl.ds(qt * BLOCK, BLOCK)])
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
-             None if d == dv else plgpu.SMEM((BLOCK, dv), dtype,
-                                             transforms=_TILED),
+  scratch = [lay.own_scratch(d, dtype, interp),
+             None if d == dv else lay.own_scratch(dv, dtype, interp),
              plgpu.SMEM((BLOCK,), jnp.float32), _list_smem(tabs, "kv_list"),
-             plgpu.Barrier(num_barriers=2)]
-  out_type = (jax.ShapeDtypeStruct((b, rows, h, dv), dtype),
-              jax.ShapeDtypeStruct((b, h, rows), jnp.float32))
+             plgpu.Barrier(num_barriers=2),
+             _stage(lay, interp, dtype, 1, (d, dv))]
+  out_type = (jax.ShapeDtypeStruct(lay.out_shape(h, dv), dtype),
+              jax.ShapeDtypeStruct((b, h, lay.plan.n_rows), jnp.float32))
   return _kernel_call(
-      kernel, out_type, ("q", "heads", "batch"), rows // BLOCK, b, h,
-      scratch, interp, 1, q, k, v, tabs["kv_list"], tabs["kv_count"],
-      tabs["bias"])
+      kernel, out_type, ("q", "heads", "batch"), lay, b, h, scratch, interp,
+      q, k, v, tabs["kv_list"], tabs["kv_count"], tabs["bias"])
 
 
 # --------------------------------------------------------------- backward ---
 
 
-def _backward_dq(q, k, v, do, lse, delta, plan, *, scale, interpret):
-  """dq [B, R, H, D] q.dtype; lse, delta [B, H, R] float32 (log2 lse)."""
-  b, rows, h, d = q.shape
-  group, dv = h // k.shape[2], v.shape[-1]
+def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
+  """dq [.., H, D] q.dtype (operand form); lse, delta [B, H, R] float32
+  (log2 lse), plan-row order."""
+  b, h, group, d, dv = _dims(q, k, v)
   dtype = q.dtype
   c = float(scale) * common.LOG2E
-  tabs, width = _tables(plan), plan.kv_tiles.shape[1]
+  tabs, width = _tables(lay.plan), lay.plan.kv_tiles.shape[1]
   interp = common.interpret_params(interpret)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, list_ref,
-             count_ref, bias_ref, dq_ref, q_smem, do_smem, bars, *maybe_ds):
-    ds_smem = maybe_ds[0] if maybe_ds else None
+             count_ref, bias_ref, dq_ref, q_buf, do_buf, bars, stage):
+    ds_smem, k_stage, v_stage = stage
+    q_own, do_own = lay.own(q_buf, interp), lay.own(do_buf, interp)
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = _heads(hh, group)
     rows_q = pl.ds(qt * BLOCK, BLOCK)
-    plgpu.copy_gmem_to_smem(q_ref.at[bb, rows_q, hh], q_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(do_ref.at[bb, rows_q, hh], do_smem, bars.at[1])
+    q_own.load(lay.own_box(q_ref, bb, qt, hh), bars.at[0])
+    do_own.load(lay.own_box(do_ref, bb, qt, hh), bars.at[1])
     lse_i = plgpu.load(lse_ref.at[bb, hh, rows_q], layout=_ROWS,
                        optimized=False)
     delta_i = plgpu.load(delta_ref.at[bb, hh, rows_q], layout=_ROWS,
                          optimized=False)
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
+    q_own.loaded()
+    do_own.loaded()
 
-    def body(idx, k_smem, v_smem, bias_smem, dq_acc):
+    def body(idx, k_blk, v_blk, bias_smem, dq_acc):
+      k_smem, v_smem = lay.partner(k_blk, k_stage), lay.partner(v_blk, v_stage)
       def mma(s_ref, dp_ref):
-        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
-        plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
+        plgpu.wgmma(s_ref, q_own.mma, k_smem.transpose((1, 0)))
+        plgpu.wgmma(dp_ref, do_own.mma, v_smem.transpose((1, 0)))
       s, dp = common.products(mma, [(BLOCK, BLOCK)] * 2)
       p = jnp.exp2(s * c + _bias(bias_smem) - _bcast(lse_i, s.shape, 0))
       ds = p * (dp - _bcast(delta_i, s.shape, 0))
@@ -290,51 +333,57 @@ def _backward_dq(q, k, v, do, lse, delta, plan, *, scale, interpret):
     # two CTAs an SM, and 128 bytes more cost the second (dq 1.28x slower).
     dq = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=_partner_specs(list_ref.at[qt], (d, dv)),
+        in_specs=_partner_specs(lay, list_ref.at[qt], (d, dv)),
         max_concurrent_steps=min(2, width),
         init_carry=plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32),
                                      _WGMMA),
-    )(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], bias_ref)
-    q_smem[...] = (dq * float(scale)).astype(dtype)      # Q is done
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bb, rows_q, hh])
+    )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
+      bias_ref)
+    q_own.store((dq * float(scale)).astype(dtype),       # Q is done
+                lay.own_box(dq_ref, bb, qt, hh))
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
-             plgpu.SMEM((BLOCK, dv), dtype, transforms=_TILED),
-             plgpu.Barrier(num_barriers=2)]
+  scratch = [lay.own_scratch(d, dtype, interp),
+             lay.own_scratch(dv, dtype, interp),
+             plgpu.Barrier(num_barriers=2),
+             _stage(lay, interp, dtype, 1, (d, dv))]
   return _kernel_call(
       kernel, jax.ShapeDtypeStruct(q.shape, dtype), ("q", "heads", "batch"),
-      rows // BLOCK, b, h, scratch, interp, 1, q, k, v, do, lse, delta,
+      lay, b, h, scratch, interp, q, k, v, do, lse, delta,
       tabs["kv_list"], tabs["kv_count"], tabs["bias"])
 
 
-def _backward_dkv(q, k, v, do, lse, delta, plan, *, scale, interpret):
-  """(dk [B, R, H, D], dv [B, R, H, V]) per QUERY head: q.dtype when
-  H == Hkv, else float32 (summed over groups by the caller)."""
-  b, rows, h, d = q.shape
-  group, dv = h // k.shape[2], v.shape[-1]
+def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
+  """(dk [.., H, D], dv [.., H, V]) per QUERY head: q.dtype in operand
+  form when H == Hkv, else float32 in plan-row order [B, R, H, X] (summed
+  over groups and reordered by the caller)."""
+  b, h, group, d, dv = _dims(q, k, v)
   dtype = q.dtype
   out_dtype = dtype if group == 1 else jnp.float32
   c = float(scale) * common.LOG2E
-  tabs, width = _tables(plan), plan.q_tiles.shape[1]
+  tabs, width = _tables(lay.plan), lay.plan.q_tiles.shape[1]
   interp = common.interpret_params(interpret)
   staging = common.dkv_staging(group, 1, BLOCK, d, dv)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, list_ref,
-             count_ref, bias_ref, dk_ref, dv_ref, k_smem, v_smem, out_smem,
-             list_smem, bars, *maybe_a):
-    pt_smem, dst_smem = maybe_a if maybe_a else (None, None)
+             count_ref, bias_ref, dk_ref, dv_ref, k_buf, v_buf, out_smem,
+             list_smem, bars, stage):
+    pt_smem, dst_smem, q_stage, do_stage = stage
+    k_own, v_own = lay.own(k_buf, interp), lay.own(v_buf, interp)
     kt, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
     kvh = _heads(hh, group)
-    rows_k = pl.ds(kt * BLOCK, BLOCK)
-    plgpu.copy_gmem_to_smem(k_ref.at[bb, rows_k, kvh], k_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(v_ref.at[bb, rows_k, kvh], v_smem, bars.at[1])
+    k_own.load(lay.own_box(k_ref, bb, kt, kvh), bars.at[0])
+    v_own.load(lay.own_box(v_ref, bb, kt, kvh), bars.at[1])
     plgpu.copy_gmem_to_smem(list_ref.at[kt], list_smem, bars.at[2])
     for i in range(3):
       plgpu.barrier_wait(bars.at[i])
+    k_own.loaded()
+    v_own.loaded()
+    k_smem, v_smem = k_own.mma, v_own.mma
 
-    def body(idx, q_smem, do_smem, lse_smem, delta_smem, bias_smem, carry):
+    def body(idx, q_blk, do_blk, lse_smem, delta_smem, bias_smem, carry):
+      q_smem = lay.partner(q_blk, q_stage)
+      do_smem = lay.partner(do_blk, do_stage)
       def mma(st_ref, dpt_ref):
         plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
         plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
@@ -354,26 +403,35 @@ def _backward_dkv(q, k, v, do, lse, delta, plan, *, scale, interpret):
             plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA))
     dk, dv_ = plgpu.emit_pipeline(
         body, grid=(count_ref[kt],),
-        in_specs=_partner_specs(list_smem, (d, dv, None, None)),
+        in_specs=_partner_specs(lay, list_smem, (d, dv, None, None)),
         max_concurrent_steps=min(2, width), init_carry=init,
-    )(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh], lse_ref.at[bb, hh],
-      delta_ref.at[bb, hh], bias_ref)
-    # 16-bit outputs go out through K and V's own buffers (both are done).
-    common.store_dkv((dk * float(scale)).astype(out_dtype),
-                     dv_.astype(out_dtype), dk_ref.at[bb, rows_k, hh],
-                     dv_ref.at[bb, rows_k, hh], k_smem=k_smem, v_smem=v_smem,
-                     staging=out_smem, wg=0)
+    )(lay.partner_ref(q_ref, bb, hh), lay.partner_ref(do_ref, bb, hh),
+      lse_ref.at[bb, hh], delta_ref.at[bb, hh], bias_ref)
+    dk = (dk * float(scale)).astype(out_dtype)
+    dv_ = dv_.astype(out_dtype)
+    if staging is None:   # 16-bit: out through K and V's own buffers (done)
+      k_own.store(dk, lay.own_box(dk_ref, bb, kt, hh))
+      v_own.store(dv_, lay.own_box(dv_ref, bb, kt, hh))
+      plgpu.wait_smem_to_gmem(0)
+    else:                 # float32, plan rows
+      rows_k = pl.ds(kt * BLOCK, BLOCK)
+      common.store_dkv(dk, dv_, dk_ref.at[bb, rows_k, hh],
+                       dv_ref.at[bb, rows_k, hh], k_smem=None, v_smem=None,
+                       staging=out_smem, wg=0)
 
-  scratch = [plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),
-             plgpu.SMEM((BLOCK, dv), dtype, transforms=_TILED),
+  scratch = [lay.own_scratch(d, dtype, interp),
+             lay.own_scratch(dv, dtype, interp),
              staging, _list_smem(tabs, "q_list"),
-             plgpu.Barrier(num_barriers=3)]
-  out_type = (jax.ShapeDtypeStruct((b, rows, h, d), out_dtype),
-              jax.ShapeDtypeStruct((b, rows, h, dv), out_dtype))
+             plgpu.Barrier(num_barriers=3),
+             _stage(lay, interp, dtype, 2, (d, dv))]
+  shape = ((lambda x: lay.out_shape(h, x)) if group == 1 else
+           (lambda x: (b, lay.plan.n_rows, h, x)))
+  out_type = (jax.ShapeDtypeStruct(shape(d), out_dtype),
+              jax.ShapeDtypeStruct(shape(dv), out_dtype))
   return _kernel_call(
-      kernel, out_type, ("kv", "heads", "batch"), rows // BLOCK, b, h,
-      scratch, interp, 2, q, k, v, do, lse, delta, tabs["q_list"],
-      tabs["q_count"], tabs["bias_t"])
+      kernel, out_type, ("kv", "heads", "batch"), lay, b, h, scratch, interp,
+      q, k, v, do, lse, delta, tabs["q_list"], tabs["q_count"],
+      tabs["bias_t"])
 
 
 # ------------------------------------------------------------ entry point ---
@@ -428,8 +486,9 @@ def _check(q, k, v, scale):
 
 def _prepare(q, k, v, kernel_size, dilation, stride, is_causal, scale,
              tile_shape):
-  """Checks the call; returns (plan, to_rows, from_rows): [B, *S, H, X] <->
-  [B, R, H, X] plan rows (padded rows read token 0)."""
+  """Checks the call; returns its `mosaic_gpu_tiles.Layout` (the plan and
+  how the kernels address tiles: "sequence"/"image" read and write the
+  [B, *S, H, X] arrays directly, "gather" goes through plan rows)."""
   _check(q, k, v, scale)
   rank = q.ndim - 3
   spatial = tuple(q.shape[1:1 + rank])
@@ -445,13 +504,18 @@ def _prepare(q, k, v, kernel_size, dilation, stride, is_causal, scale,
     _raise("tile_shape", tile_shape, f"tokens per axis of volume {BLOCK}")
   # The plan checks NATTEN's rules (kernel >= 2, stride <= kernel, ...).
   plan = plan_lib.neighborhood_plan(spatial, ks, ds, ss, cs, tile_shape)
-  b, n = q.shape[0], plan.n_tokens
-  perm = jnp.asarray(np.maximum(plan.perm, 0))
-  inv = jnp.asarray(plan.inv)
-  to_rows = lambda x: jnp.take(x.reshape(b, n, *x.shape[-2:]), perm, axis=1)
-  from_rows = lambda x: jnp.take(x, inv, axis=1).reshape(
-      b, *spatial, *x.shape[2:])
-  return plan, to_rows, from_rows
+  kind = tiles_lib.choose_kind(plan, spatial, ds, tile_shape, q.shape[-1],
+                               v.shape[-1])
+  return tiles_lib.Layout(kind, plan, q.shape[0], spatial)
+
+
+def io_path(q, k, v, *, kernel_size, dilation, stride, is_causal,
+            tile_shape=None) -> str:
+  """How `neighborhood_attention` would address tiles for these inputs:
+  "sequence" or "image" (TMA straight from / to [B, *S, H, X]) or
+  "gather" (XLA gathers into plan rows); raises as the op does."""
+  return _prepare(q, k, v, kernel_size, dilation, stride, is_causal, 1.0,
+                  tile_shape).kind
 
 
 def neighborhood_attention(q, k, v, *, kernel_size, dilation, stride,
@@ -479,44 +543,46 @@ def neighborhood_attention(q, k, v, *, kernel_size, dilation, stride,
     ValueError: a precondition does not hold (the message names the
       argument, its value and what was expected); before any tracing.
   """
-  plan, to_rows, from_rows = _prepare(q, k, v, kernel_size, dilation, stride,
-                                      is_causal, scale, tile_shape)
+  lay = _prepare(q, k, v, kernel_size, dilation, stride, is_causal, scale,
+                 tile_shape)
   h, hkv = q.shape[-2], k.shape[-2]
   # The tables are built inside each call (constants of its trace, never
   # tracers closed over by the custom_vjp).
-  cfg = dict(plan=plan, scale=float(scale), interpret=interpret)
+  cfg = dict(lay=lay, scale=float(scale), interpret=interpret)
 
+  # On operand forms (Layout.operand: plan rows, or the inputs themselves).
   @jax.custom_vjp
-  def attend(qr, kr, vr):
-    return _forward(qr, kr, vr, **cfg)[0]
+  def attend(qo, ko, vo):
+    return _forward(qo, ko, vo, **cfg)[0]
 
-  def attend_fwd(qr, kr, vr):
-    o, lse = _forward(qr, kr, vr, **cfg)
-    return o, (qr, kr, vr, o, lse)
+  def attend_fwd(qo, ko, vo):
+    o, lse = _forward(qo, ko, vo, **cfg)
+    return o, (qo, ko, vo, o, lse)
 
   def attend_bwd(res, do):
-    qr, kr, vr, o, lse = res
-    do = do.astype(qr.dtype)
-    delta = jnp.einsum("brhv,brhv->bhr", do.astype(jnp.float32),
-                       o.astype(jnp.float32))
-    dq = _backward_dq(qr, kr, vr, do, lse, delta, **cfg)
-    dk, dv = _backward_dkv(qr, kr, vr, do, lse, delta, **cfg)
-    if h != hkv:   # sum each group of H // Hkv query heads into its kv head
-      sum_heads = lambda x: x.reshape(*x.shape[:2], hkv, h // hkv,
-                                      x.shape[-1]).sum(axis=3)
+    qo, ko, vo, o, lse = res
+    do = do.astype(qo.dtype)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1)
+    delta = jnp.swapaxes(lay.operand_to_rows(delta), 1, 2)   # [B, H, R]
+    dq = _backward_dq(qo, ko, vo, do, lse, delta, **cfg)
+    dk, dv = _backward_dkv(qo, ko, vo, do, lse, delta, **cfg)
+    if h != hkv:   # plan rows, float32: sum each group of H // Hkv heads
+      sum_heads = lambda x: lay.rows_to_operand(x.reshape(
+          *x.shape[:2], hkv, h // hkv, x.shape[-1]).sum(axis=3))
       dk, dv = sum_heads(dk), sum_heads(dv)
-    return dq, dk.astype(kr.dtype), dv.astype(vr.dtype)
+    return dq, dk.astype(ko.dtype), dv.astype(vo.dtype)
 
   attend.defvjp(attend_fwd, attend_bwd)
-  return from_rows(attend(to_rows(q), to_rows(k), to_rows(v)))
+  return lay.result(attend(lay.operand(q), lay.operand(k), lay.operand(v)))
 
 
 def forward_with_lse(q, k, v, *, kernel_size, dilation, stride, is_causal,
                      scale, interpret=False, tile_shape=None):
   """(o [B, *S, H, V], lse [B, *S, H] float32, natural log) without
   autodiff; for tests and diagnostics."""
-  plan, to_rows, from_rows = _prepare(q, k, v, kernel_size, dilation, stride,
-                                      is_causal, scale, tile_shape)
-  o, lse = _forward(to_rows(q), to_rows(k), to_rows(v), plan,
+  lay = _prepare(q, k, v, kernel_size, dilation, stride, is_causal, scale,
+                 tile_shape)
+  o, lse = _forward(lay.operand(q), lay.operand(k), lay.operand(v), lay,
                     scale=float(scale), interpret=interpret)
-  return from_rows(o), from_rows(jnp.swapaxes(lse, 1, 2)) / common.LOG2E
+  lse = lay.result(lay.rows_to_operand(jnp.swapaxes(lse, 1, 2)[..., None]))
+  return lay.result(o), lse[..., 0] / common.LOG2E

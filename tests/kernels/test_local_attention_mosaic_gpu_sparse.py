@@ -88,6 +88,16 @@ _CASES = [
     ((4, 6, 6), (3, 2, 3), 1, (1, 2, 1), (False, False, True), None, 2, 1,
      64, 64, jnp.bfloat16),
 ]
+# Cases that take the direct path (TMA from / to [B, *S, H, X], no gather;
+# _CASES[0] is 1-D "sequence" too, T = 150 not a multiple of 64).
+_DIRECT_CASES = [
+    # "image": 16 x 24, kernel 5, MHA.
+    ((16, 24), 5, 1, 1, False, None, 2, 2, 64, 64, jnp.bfloat16),
+    # "image", ragged Hs = 13 (the last tile row half padding), GQA.
+    ((13, 16), 7, 1, 1, False, None, 2, 1, 64, 64, jnp.bfloat16),
+    # "image", GNA: kernel 8, stride 8.
+    ((24, 16), 8, 1, 8, False, None, 2, 2, 64, 64, jnp.bfloat16),
+]
 
 
 def _plan(spatial, kernel, dilation, stride, causal, tile):
@@ -113,7 +123,8 @@ def test_default_tiles_hold_64_tokens():
 
 
 @pytest.mark.parametrize(
-    "spatial,kernel,dilation,stride,causal,tile,h,hkv,d,dv,dtype", _CASES)
+    "spatial,kernel,dilation,stride,causal,tile,h,hkv,d,dv,dtype",
+    _CASES + _DIRECT_CASES)
 def test_interpret_matches_oracle(spatial, kernel, dilation, stride, causal,
                                   tile, h, hkv, d, dv, dtype):
   q, k, v, w = _inputs(spatial, h=h, hkv=hkv, d=d, dv=dv, dtype=dtype)
@@ -135,42 +146,113 @@ def test_interpret_matches_oracle(spatial, kernel, dilation, stride, causal,
     _check_close(g, g_ref, name)
 
 
-def test_interpret_lse():
-  spatial, opts = (9, 11), dict(kernel_size=(3, 4), dilation=(1, 2),
-                                stride=(1, 1), is_causal=(True, False),
-                                scale=0.125)
+def _path(spatial, kernel, dilation=1, tile=None, d=64, dv=64):
+  q = jnp.zeros((1, *spatial, 2, d), jnp.bfloat16)
+  v = jnp.zeros((1, *spatial, 2, dv), jnp.bfloat16)
+  return na.io_path(q, q, v, kernel_size=kernel, dilation=dilation, stride=1,
+                    is_causal=False, tile_shape=tile)
+
+
+@pytest.mark.parametrize("case,want", [
+    (_CASES[0], "sequence"), (_CASES[1], "gather"), (_CASES[2], "gather"),
+    (_CASES[3], "gather"), (_CASES[4], "gather")]
+    + [(c, "image") for c in _DIRECT_CASES])
+def test_io_path_of_cases(case, want):
+  q, k, v, _ = _inputs(case[0], h=case[6], hkv=case[7], d=case[8],
+                       dv=case[9], dtype=case[10])
+  assert na.io_path(q, k, v, kernel_size=case[1], dilation=case[2],
+                    stride=case[3], is_causal=case[4],
+                    tile_shape=case[5]) == want
+
+
+@pytest.mark.parametrize("spatial,kernel,dilation,tile,d,dv,want", [
+    ((128, 128), 13, 1, None, 128, 128, "image"),
+    ((16384,), 129, 1, None, 128, 128, "sequence"),
+    ((100,), 5, 1, None, 64, 128, "sequence"),      # D != V is fine in 1-D
+    ((100,), 5, 2, None, 64, 64, "gather"),         # dilation
+    ((16, 20), 5, 1, None, 64, 64, "gather"),       # Ws % 8 != 0
+    ((16, 24), 5, 1, None, 64, 128, "gather"),      # D != V in 2-D
+    ((16, 24), 5, 1, (4, 16), 64, 64, "gather"),    # tiles other than 8 x 8
+    ((128, 128), 13, 2, None, 128, 128, "gather"),  # dilation
+    ((8, 16, 16), 5, 1, None, 64, 64, "gather"),    # 3-D
+])
+def test_io_path(spatial, kernel, dilation, tile, d, dv, want):
+  assert _path(spatial, kernel, dilation, tile, d, dv) == want
+
+
+@pytest.mark.parametrize("spatial,kernel,dilation,causal", [
+    ((9, 11), (3, 4), (1, 2), (True, False)),      # gather
+    ((13, 16), (5, 3), (1, 1), (False, True)),     # image, ragged Hs
+    ((150,), (7,), (1,), (True,)),                  # sequence
+])
+def test_interpret_lse(spatial, kernel, dilation, causal):
+  r, n = len(spatial), int(np.prod(spatial))
+  opts = dict(kernel_size=kernel, dilation=dilation, stride=(1,) * r,
+              is_causal=causal, scale=0.125)
   q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=1)
   o, lse = na.forward_with_lse(q, k, v, interpret=True, **opts)
   mask = oracle.neighborhood_mask(spatial, **{
       n: opts[n] for n in ("kernel_size", "dilation", "stride", "is_causal")})
-  qf, kf = (np.asarray(x, np.float64).reshape(99, -1, 64) for x in (q, k))
+  qf, kf = (np.asarray(x, np.float64).reshape(n, -1, 64) for x in (q, k))
   s = np.einsum("ihd,jd->hij", qf, kf[:, 0]) * 0.125
   s = np.where(mask, s, -np.inf)
   want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
   assert lse.shape == (1, *spatial, 2) and lse.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(lse).reshape(99, 2), want.T,
+  np.testing.assert_allclose(np.asarray(lse).reshape(n, 2), want.T,
                              rtol=0, atol=5e-2)
   _check_close(o, oracle.neighborhood_attention(*_f32(q, k, v), **opts), "o")
 
 
-def test_interpret_reads_only_listed_tiles():
-  # 24 x 16 tokens in 8 x 8 tiles (3 x 2), kernel 3: query tile 0 lists the
-  # four tiles of rows 0..15 only. NaN keys/values in rows 16..23 would
+@pytest.mark.parametrize("case", [_CASES[0]] + _DIRECT_CASES)
+def test_interpret_direct_equals_gather_bitwise(case, monkeypatch):
+  # The same kernels on plan rows gathered by XLA (the layout choice forced
+  # to "gather"): o, lse and the gradients agree bit for bit.
+  spatial, kernel, dilation, stride, causal, tile, h, hkv, d, dv, dtype = case
+  q, k, v, w = _inputs(spatial, h=h, hkv=hkv, d=d, dv=dv, dtype=dtype,
+                       seed=4)
+  opts = dict(kernel_size=kernel, dilation=dilation, stride=stride,
+              is_causal=causal, scale=d ** -0.5, interpret=True)
+  def run():
+    o, lse = na.forward_with_lse(q, k, v, **opts)
+    _, grads = _value_and_grads(
+        lambda q, k, v: na.neighborhood_attention(q, k, v, **opts), q, k, v,
+        w)
+    return [np.asarray(x.astype(jnp.float32)) for x in (o, lse, *grads)]
+  direct = run()
+  monkeypatch.setattr(na.tiles_lib, "choose_kind", lambda *a: "gather")
+  gathered = run()
+  for name, x, y in zip(("o", "lse", "dq", "dk", "dv"), direct, gathered):
+    np.testing.assert_array_equal(x, y, err_msg=name)
+
+
+@pytest.mark.parametrize("spatial,kernel,dv,path", [
+    ((24, 16), 3, 64, "image"), ((24, 16), 3, 128, "gather"),
+    ((192,), 5, 64, "sequence")])
+def test_interpret_reads_only_listed_tiles(spatial, kernel, dv, path):
+  # 2-D: 24 x 16 tokens in 8 x 8 tiles (3 x 2), kernel 3: query tile 0 lists
+  # the four tiles of rows 0..15 only (1-D: 192 tokens, kernel 5: tiles 0
+  # and 1 of 3). NaN keys/values in rows 16..23 (tokens 128..191) would
   # reach its outputs through any step that loaded or computed an unlisted
-  # tile (0 * NaN = NaN); they must stay finite and exact.
-  spatial, opts = (24, 16), dict(kernel_size=(3, 3), dilation=(1, 1),
-                                 stride=(1, 1), is_causal=(False, False),
-                                 scale=0.125)
-  plan = _plan(spatial, 3, 1, 1, False, (8, 8))
+  # tile (0 * NaN = NaN); they must stay finite and exact. D != V sends the
+  # same plan down the gather path.
+  r = len(spatial)
+  opts = dict(kernel_size=(kernel,) * r, dilation=(1,) * r, stride=(1,) * r,
+              is_causal=(False,) * r, scale=0.125)
+  plan = _plan(spatial, kernel, 1, 1, False, None)
   listed = plan.kv_tiles[0, :plan.kv_count[0]]
-  assert sorted(listed.tolist()) == [0, 1, 2, 3]
-  q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=2)
-  poison = lambda x: x.at[:, 16:].set(jnp.nan)
+  assert sorted(listed.tolist()) == ([0, 1, 2, 3] if r == 2 else [0, 1])
+  q, k, v, _ = _inputs(spatial, h=2, hkv=1, dv=dv, seed=2)
+  assert na.io_path(q, k, v, **{n: opts[n] for n in (
+      "kernel_size", "dilation", "stride", "is_causal")}) == path
+  cut = 16 if r == 2 else 128
+  poison = lambda x: x.at[:, cut:].set(jnp.nan)
   o = na.neighborhood_attention(q, poison(k), poison(v), interpret=True,
-                                tile_shape=(8, 8), **opts)
+                                **opts)
   want = oracle.neighborhood_attention(*_f32(q, k, v), **opts)
-  _check_close(o[:, :8, :8], want[:, :8, :8], "o of query tile 0")
-  assert np.isnan(np.asarray(o[:, 15:], np.float32)).any()
+  own = (slice(None), slice(0, 8), slice(0, 8)) if r == 2 else (
+      slice(None), slice(0, 64))
+  _check_close(o[own], want[own], "o of query tile 0")
+  assert np.isnan(np.asarray(o[:, cut - 1:], np.float32)).any()
 
 
 # --------------------------------------------------------------- lowering ---
@@ -197,22 +279,50 @@ def _vjp(fn):
   return run
 
 
-_TARGETS = [((128, 128), 7, 2), ((128, 128), 13, 2), ((16, 32, 32), 7, 1)]
+# (spatial, kernel, dilation, causal, path)
+_TARGETS = [((128, 128), 7, 2, False, "gather"),
+            ((128, 128), 13, 2, False, "gather"),
+            ((16, 32, 32), 7, 1, False, "gather"),
+            ((128, 128), 13, 1, False, "image"),
+            ((16384,), 129, 1, True, "sequence")]
 
 
-@pytest.mark.parametrize("spatial,kernel,dilation", _TARGETS)
-def test_forward_and_vjp_lower_for_cuda(spatial, kernel, dilation):
-  fn = _na(spatial, kernel, dilation)
+@pytest.mark.parametrize("spatial,kernel,dilation,causal,path", _TARGETS)
+def test_forward_and_vjp_lower_for_cuda(spatial, kernel, dilation, causal,
+                                        path):
+  assert _path(spatial, kernel, dilation, d=128, dv=128) == path
+  fn = _na(spatial, kernel, dilation, causal=causal)
   exported = _export(fn, spatial)
-  assert len(re.findall(r"custom_call @mosaic_gpu",
-                        exported.mlir_module())) == 1
+  text = exported.mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 1
+  # The direct paths read and write [B, *S, H, D] itself: no XLA gather.
+  assert ("stablehlo.gather" in text) == (path == "gather")
   (out,) = exported.out_avals
   assert out.shape == (2, *spatial, 16, 128) and out.dtype == jnp.bfloat16
   exported = _export(_vjp(fn), spatial)
+  text = exported.mlir_module()
   # forward (with lse), dq and dk/dv kernels.
-  assert len(re.findall(r"custom_call @mosaic_gpu",
-                        exported.mlir_module())) == 3
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
+  assert ("stablehlo.gather" in text) == (path == "gather")
+  # The gather path's VJP gathers back (permute.py), never scatter-adds.
+  assert "scatter" not in text
   assert [a.shape for a in exported.out_avals] == [(2, *spatial, 16, 128)] * 4
+
+
+@pytest.mark.parametrize("spatial,kernel", [((40, 72), 9), ((1000,), 65)])
+def test_direct_gqa_lowers_for_cuda(spatial, kernel):
+  # Direct path with GQA: float32 dk/dv leave the kernel in plan rows and
+  # are reordered by a transpose / slice, still no gather; float16.
+  assert _path(spatial, kernel, d=64, dv=64) != "gather"
+  fn = _na(spatial, kernel, causal=len(spatial) == 1)
+  exported = _export(_vjp(fn), spatial, h=8, hkv=2, d=64, dv=64,
+                     dtype=jnp.float16)
+  text = exported.mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 3
+  assert "stablehlo.gather" not in text
+  assert [a.shape for a in exported.out_avals] == [
+      (2, *spatial, 8, 64), (2, *spatial, 8, 64), (2, *spatial, 2, 64),
+      (2, *spatial, 2, 64)]
 
 
 def test_gqa_causal_stride_lowers_for_cuda():
@@ -284,16 +394,22 @@ def test_supports():
 
 
 @gpu_only
-@pytest.mark.parametrize("spatial,kernel,dilation,causal,hkv", [
-    ((64, 96), 7, 2, False, 4),
-    ((64, 64), 13, 1, True, 2),
-    ((16, 32, 32), 7, 1, False, 4),
+@pytest.mark.parametrize("spatial,kernel,dilation,stride,causal,hkv,path", [
+    ((64, 96), 7, 2, 1, False, 4, "gather"),
+    ((64, 64), 13, 1, 1, True, 2, "image"),
+    ((128, 128), 13, 1, 1, False, 4, "image"),
+    ((100, 128), 8, 1, 8, False, 2, "image"),      # ragged Hs, GNA
+    ((1000,), 129, 1, 1, True, 4, "sequence"),
+    ((16, 32, 32), 7, 1, 1, False, 4, "gather"),
 ])
-def test_gpu_matches_xla(spatial, kernel, dilation, causal, hkv):
+def test_gpu_matches_xla(spatial, kernel, dilation, stride, causal, hkv,
+                         path):
   h, d = 4, 128
   q, k, v, w = _inputs(spatial, h=h, hkv=hkv, d=d, dv=d, b=2, seed=3)
-  opts = dict(kernel_size=kernel, dilation=dilation, stride=1,
+  opts = dict(kernel_size=kernel, dilation=dilation, stride=stride,
               is_causal=causal, scale=d ** -0.5)
+  assert na.io_path(q, k, v, **{n: opts[n] for n in (
+      "kernel_size", "dilation", "stride", "is_causal")}) == path
   o, grads = jax.jit(lambda q, k, v: _value_and_grads(
       lambda q, k, v: na.neighborhood_attention(q, k, v, **opts),
       q, k, v, w))(q, k, v)
