@@ -32,16 +32,21 @@ own tile and how the pipeline addresses partner tiles):
   direct, "sequence" (1-D, dilation 1, tiles of 64): rows are the tokens;
     TMA boxes x.at[b, pl.ds(64 t, 64), h] of [B, T, H, X] itself (rows past
     T load as zeros, stores clip).
-  direct, "image" (2-D, dilation 1, 8 x 8 tiles, Ws % 8 == 0, D == V): tile
-    t is the patch (tr, tc) = divmod(t, Ws // 8); TMA boxes [8, 8, X] of
-    the free view [B, Hs, Ws // 8, 8, H, X] (rows past a ragged Hs load as
-    zeros, stores clip), the own tile a RefUnion of its [8, 8, X] and
-    [64, X] SMEM views (wgmma's A operand takes no ref reshape).
+  direct, "image" (2-D, 8 x 8 tiles, D == V, dilation (d0, d1) with
+    Hs % d0 == 0 and Ws % (8 d1) == 0): tile t is patch (tr, tc) of
+    dilation group (g0, g1) (group-major, patches row-major; dilation 1:
+    (tr, tc) = divmod(t, Ws // 8)); TMA boxes [8, 8, X] of the free view
+    [B, Hs, Ws // 8, 8, H, X] (dilation 1) or, dilated, every d-th pixel:
+    x.at[b, pl.ds(8 tr, 8), g0, tc, :, g1, h] of the free view
+    [B, Hs / d0, d0, Ws / (8 d1), 8, d1, H, X] (rows past a ragged group
+    height load as zeros, stores clip), the own tile a RefUnion of its
+    [8, 8, X] and [64, X] SMEM views (wgmma's A operand takes no ref
+    reshape).
   "gather" (everything else: 3-D, whose [4, 4, 4, X] box plus the head is
-    over TMA's 5 dims; dilation > 1, whose tiles are strided sub-grids;
-    other tile shapes; 2-D with Ws % 8 != 0 or D != V): XLA gathers the
-    rows ([B, *S, H, X] -> [B, R, H, X]), the kernels run on them, and XLA
-    gathers the outputs back (padded rows read token 0).
+    over TMA's 5 dims; 1-D dilation; 2-D dilation with Hs % d0 != 0 or
+    Ws % (8 d1) != 0; other tile shapes; 2-D with Ws % 8 != 0 or D != V):
+    XLA gathers the rows ([B, *S, H, X] -> [B, R, H, X]), the kernels run
+    on them, and XLA gathers the outputs back (padded rows read token 0).
 
 Padded rows are never seen, and their cotangents are exactly 0 (gathered
 back from nothing, or zero-filled past the array end). lse and delta stay
@@ -506,7 +511,7 @@ def _prepare(q, k, v, kernel_size, dilation, stride, is_causal, scale,
   plan = plan_lib.neighborhood_plan(spatial, ks, ds, ss, cs, tile_shape)
   kind = tiles_lib.choose_kind(plan, spatial, ds, tile_shape, q.shape[-1],
                                v.shape[-1])
-  return tiles_lib.Layout(kind, plan, q.shape[0], spatial)
+  return tiles_lib.Layout(kind, plan, q.shape[0], spatial, ds)
 
 
 def io_path(q, k, v, *, kernel_size, dilation, stride, is_causal,

@@ -97,6 +97,13 @@ _DIRECT_CASES = [
     ((13, 16), 7, 1, 1, False, None, 2, 1, 64, 64, jnp.bfloat16),
     # "image", GNA: kernel 8, stride 8.
     ((24, 16), 8, 1, 8, False, None, 2, 2, 64, 64, jnp.bfloat16),
+    # dilated "image": 16 x 32, dilation 2 (four 8 x 16 groups), kernel 5.
+    ((16, 32), 5, 2, 1, False, None, 2, 2, 64, 64, jnp.bfloat16),
+    # dilated "image": 20 x 48, dilation (2, 3) (six 10 x 16 groups: each
+    # group's last tile row ragged), kernel (3, 5), stride (1, 2) on a
+    # causal axis; GQA.
+    ((20, 48), (3, 5), (2, 3), (1, 2), (False, True), None, 2, 1, 64, 64,
+     jnp.bfloat16),
 ]
 
 
@@ -173,7 +180,14 @@ def test_io_path_of_cases(case, want):
     ((16, 20), 5, 1, None, 64, 64, "gather"),       # Ws % 8 != 0
     ((16, 24), 5, 1, None, 64, 128, "gather"),      # D != V in 2-D
     ((16, 24), 5, 1, (4, 16), 64, 64, "gather"),    # tiles other than 8 x 8
-    ((128, 128), 13, 2, None, 128, 128, "gather"),  # dilation
+    ((128, 128), 13, 2, None, 128, 128, "image"),   # dilated image
+    ((128, 128), 13, (1, 2), None, 128, 128, "image"),
+    ((16, 32), 5, 2, None, 64, 64, "image"),
+    ((20, 48), (3, 5), (2, 3), None, 64, 64, "image"),  # ragged groups
+    ((16, 24), 5, 2, None, 64, 64, "gather"),       # Ws % (8 d1) != 0
+    ((15, 32), 5, 2, None, 64, 64, "gather"),       # Hs % d0 != 0
+    ((16, 32), 5, 2, None, 64, 128, "gather"),      # D != V
+    ((32, 64), 5, 2, (4, 16), 64, 64, "gather"),    # tiles other than 8 x 8
     ((8, 16, 16), 5, 1, None, 64, 64, "gather"),    # 3-D
 ])
 def test_io_path(spatial, kernel, dilation, tile, d, dv, want):
@@ -183,6 +197,7 @@ def test_io_path(spatial, kernel, dilation, tile, d, dv, want):
 @pytest.mark.parametrize("spatial,kernel,dilation,causal", [
     ((9, 11), (3, 4), (1, 2), (True, False)),      # gather
     ((13, 16), (5, 3), (1, 1), (False, True)),     # image, ragged Hs
+    ((10, 24), (3, 3), (2, 3), (True, False)),     # dilated image, ragged
     ((150,), (7,), (1,), (True,)),                  # sequence
 ])
 def test_interpret_lse(spatial, kernel, dilation, causal):
@@ -255,6 +270,32 @@ def test_interpret_reads_only_listed_tiles(spatial, kernel, dv, path):
   assert np.isnan(np.asarray(o[:, cut - 1:], np.float32)).any()
 
 
+def test_interpret_dilated_image_reads_only_listed_tiles():
+  # 48 x 16, dilation 2: four 24 x 8 groups of 3 x 1 tiles (group g0, g1 =
+  # tiles 3 (2 g0 + g1) + 0..2), kernel 3: query tile 0 (group (0, 0), its
+  # rows 0..7) lists tiles 0 and 1 only (group rows 0..15: image rows 0, 2,
+  # .., 30, even columns). NaN keys/values everywhere else (the other
+  # groups and tile 2) must not reach its outputs.
+  spatial = (48, 16)
+  opts = dict(kernel_size=(3, 3), dilation=(2, 2), stride=(1, 1),
+              is_causal=(False, False), scale=0.125)
+  plan = _plan(spatial, 3, 2, 1, False, None)
+  assert sorted(plan.kv_tiles[0, :plan.kv_count[0]].tolist()) == [0, 1]
+  q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=2)
+  assert na.io_path(q, k, v, **{n: opts[n] for n in (
+      "kernel_size", "dilation", "stride", "is_causal")}) == "image"
+  rows, cols = np.meshgrid(np.arange(48), np.arange(16), indexing="ij")
+  keep = (rows % 2 == 0) & (cols % 2 == 0) & (rows < 32)
+  poison = lambda x: jnp.where(keep[None, :, :, None, None], x, jnp.nan
+                               ).astype(x.dtype)
+  o = na.neighborhood_attention(q, poison(k), poison(v), interpret=True,
+                                **opts)
+  want = oracle.neighborhood_attention(*_f32(q, k, v), **opts)
+  own = (slice(None), slice(0, 16, 2), slice(0, 16, 2))
+  _check_close(o[own], want[own], "o of query tile 0")
+  assert np.isnan(np.asarray(o, np.float32)).any()
+
+
 # --------------------------------------------------------------- lowering ---
 
 
@@ -280,8 +321,9 @@ def _vjp(fn):
 
 
 # (spatial, kernel, dilation, causal, path)
-_TARGETS = [((128, 128), 7, 2, False, "gather"),
-            ((128, 128), 13, 2, False, "gather"),
+_TARGETS = [((128, 128), 7, 2, False, "image"),
+            ((128, 128), 13, 2, False, "image"),
+            ((120, 88), 7, 2, False, "gather"),   # 88 % 16 != 0
             ((16, 32, 32), 7, 1, False, "gather"),
             ((128, 128), 13, 1, False, "image"),
             ((16384,), 129, 1, True, "sequence")]
@@ -395,7 +437,8 @@ def test_supports():
 
 @gpu_only
 @pytest.mark.parametrize("spatial,kernel,dilation,stride,causal,hkv,path", [
-    ((64, 96), 7, 2, 1, False, 4, "gather"),
+    ((64, 96), 7, 2, 1, False, 4, "image"),        # dilated image
+    ((60, 88), 7, 2, 1, False, 4, "gather"),       # 88 % (8 * 2) != 0
     ((64, 64), 13, 1, 1, True, 2, "image"),
     ((128, 128), 13, 1, 1, False, 4, "image"),
     ((100, 128), 8, 1, 8, False, 2, "image"),      # ragged Hs, GNA
