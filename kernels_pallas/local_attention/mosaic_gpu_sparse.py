@@ -46,7 +46,8 @@ own tile and how the pipeline addresses partner tiles):
     over TMA's 5 dims; 1-D dilation; 2-D dilation with Hs % d0 != 0 or
     Ws % (8 d1) != 0; other tile shapes; 2-D with Ws % 8 != 0 or D != V):
     XLA gathers the rows ([B, *S, H, X] -> [B, R, H, X]), the kernels run
-    on them, and XLA gathers the outputs back (padded rows read token 0).
+    on them, and XLA gathers the outputs back (padded rows read token 0;
+    permute.py: the VJPs are gathers too, not scatter-adds).
 
 Padded rows are never seen, and their cotangents are exactly 0 (gathered
 back from nothing, or zero-filled past the array end). lse and delta stay
@@ -60,10 +61,13 @@ the H200 and give the gather path's outputs bit for bit.
 Block sparsity. A CTA handles one (64-row tile, head, batch). The plan
 lists, per query tile, its visited key tiles (ascending) with a count; the
 transposed lists give, per key tile, the query tiles reaching it. The
-lists are int32 GMEM inputs read as scalars: the CTA reads count[tile] and
-runs an `emit_pipeline` of exactly that many steps (a dynamic grid: there is
-no step past the count, so nothing is loaded or computed for it); step i
-TMA-loads (double-buffered) the partner tile list[tile, i] and its mask.
+CTA reads count[tile] and runs an `emit_pipeline` of exactly that many steps
+(a dynamic grid: there is no step past the count, so nothing is loaded or
+computed for it); step i TMA-loads (double-buffered) the partner tile
+list[tile, i] and its mask. The forward and dk/dv CTAs TMA-load their row
+of the lists ([2, W] int32: partner tiles, mask ids) into SMEM with their
+own tile, so the index maps read SMEM each step; dq reads GMEM (its SMEM is
+full at two CTAs an SM).
 
 Masks. `plan.mask_tiles` gives every visited pair the id of its [64, 64]
 mask among the plan's distinct ones (a neighborhood repeats a few relative
