@@ -181,18 +181,12 @@ def _partner_specs(lay, cta_list, cols):
   tile_of = lambda i: cta_list[0, i]
   return [lay.partner_spec(c, tile_of) if c else
           plgpu.BlockSpec((BLOCK,), lambda i: (tile_of(i),)) for c in cols
-          ] + [_spec(BLOCK, lambda i: cta_list[1, i])]
+          ] + [tiles_lib.row_block(BLOCK, lambda i: cta_list[1, i])]
 
 
 def _bias(smem):
   """The step's [64, 64] mask bias (SMEM, bfloat16) as float32 registers."""
   return plgpu.load(smem, layout=_WGMMA).astype(jnp.float32)
-
-
-def _spec(cols, tile_of):
-  """Pipeline block: rows [64 tile_of(i), + 64) of a [rows, cols] operand."""
-  return plgpu.BlockSpec((BLOCK, cols), lambda i: (tile_of(i), 0),
-                         transforms=_TILED)
 
 
 def _stage(lay, interp, dtype, n_a_operands, partner_cols):

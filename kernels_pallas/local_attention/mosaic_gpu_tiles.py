@@ -77,6 +77,12 @@ P = 8        # patch side ("image")
 TILED3 = (plgpu.TilingTransform((1, P, 64)), plgpu.SwizzleTransform(128))
 
 
+def row_block(cols, tile_of):
+  """Pipeline block: rows [64 tile_of(i), + 64) of a [rows, cols] operand."""
+  return plgpu.BlockSpec((BLOCK, cols), lambda i: (tile_of(i), 0),
+                         transforms=common.TILED)
+
+
 def _image_dims(spatial, dilation):
   """(n0, ntr, ntc): a dilation group's sub-grid rows, its tile rows and
   tile columns ("image"; Hs % d0 == 0 and Ws % (8 d1) == 0)."""
@@ -260,8 +266,7 @@ class Layout:
     """Pipeline block: tile tile_of(i) of `partner_ref`, [64, cols] or
     ("image") [8, 8, cols] (TILED3: `partner` turns it into [64, cols])."""
     if not self.image:
-      return plgpu.BlockSpec((BLOCK, cols), lambda i: (tile_of(i), 0),
-                             transforms=common.TILED)
+      return row_block(cols, tile_of)
     if not self.dilated:
       nc = self.spatial[1] // P
       return plgpu.BlockSpec(

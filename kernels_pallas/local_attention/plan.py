@@ -140,6 +140,13 @@ def _lists(pairs_visited, interior):
   return tiles, np.maximum(count, 1).astype(np.int32), inter
 
 
+def _box_masks(lo, hi, kc) -> np.ndarray:
+  """[P, bq, bk] bool: query rows' boxes lo, hi [P, bq, A] against key
+  rows' coordinates kc [P, bk, A], pair by pair."""
+  return np.all((kc[:, None] >= lo[:, :, None])
+                & (kc[:, None] <= hi[:, :, None]), axis=3)
+
+
 def _tile_pairs(q_lo, q_hi, k_coord, block_q, block_k):
   """(visited, interior) [nq, nk] bool, exact, from row boxes / coordinates.
 
@@ -165,10 +172,7 @@ def _tile_pairs(q_lo, q_hi, k_coord, block_q, block_k):
   qi, ki = np.nonzero(cand)
   for s in range(0, qi.size, _PAIR_CHUNK):
     a, b = qi[s:s + _PAIR_CHUNK], ki[s:s + _PAIR_CHUNK]
-    ok = np.ones((a.size, block_q, block_k), bool)
-    for x in range(axes):
-      kx = kc[b][:, None, :, x]  # [P, 1, bk]
-      ok &= (kx >= lo[a][:, :, None, x]) & (kx <= hi[a][:, :, None, x])
+    ok = _box_masks(lo[a], hi[a], kc[b])
     visited[a, b] = ok.any(axis=(1, 2))
     interior[a, b] = ok.all(axis=(1, 2))
   return visited, interior
@@ -247,12 +251,10 @@ class MaskTiles:
 
 def _pair_masks(plan: Plan, q_tiles, k_tiles) -> np.ndarray:
   """[P, block_q, block_k] bool: the masks of pairs (q_tiles[p], k_tiles[p])."""
-  bq, bk = plan.block_q, plan.block_k
-  lo = plan.q_lo.reshape(-1, bq, plan.q_lo.shape[1])[q_tiles]   # [P, bq, A]
-  hi = plan.q_hi.reshape(-1, bq, plan.q_lo.shape[1])[q_tiles]
-  kc = plan.k_coord.reshape(-1, bk, plan.q_lo.shape[1])[k_tiles]  # [P, bk, A]
-  return np.all((kc[:, None] >= lo[:, :, None]) & (kc[:, None] <= hi[:, :, None]),
-                axis=3)
+  bq, bk, axes = plan.block_q, plan.block_k, plan.q_lo.shape[1]
+  tiles = lambda x, rows, which: x.reshape(-1, rows, axes)[which]
+  return _box_masks(tiles(plan.q_lo, bq, q_tiles), tiles(plan.q_hi, bq, q_tiles),
+                    tiles(plan.k_coord, bk, k_tiles))
 
 
 @functools.lru_cache(maxsize=64)
