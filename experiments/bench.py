@@ -11,6 +11,8 @@ Implementations: the op's backends ("xla", "mosaic_tpu", "mosaic_gpu"), and
 two yardsticks that compute softmax attention of the same q/k/v shapes with the
 same causal flag and window: "cudnn_softmax" (jax.nn.dot_product_attention with
 implementation="cudnn"; GPU only) and "xla_softmax" (the same with "xla").
+For sliding_window_attention also "mosaic_gpu_fused_bwd": the Hopper kernel
+with its opt-in fused backward (`backward="fused"`).
 
 Examples:
   # CPU smoke test
@@ -41,18 +43,22 @@ import numpy as np
 
 import attnlib as al
 import kernel_profile
+from kernels_pallas.local_attention import mosaic_gpu as swa_mosaic_gpu
 
 OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
        "sigmoid_attention", "attention_scan", "attention_scan_step",
        "dot_product_attention")
 YARDSTICKS = ("cudnn_softmax", "xla_softmax")
+# sliding_window_attention only: the mosaic_gpu kernel with backward="fused"
+# (one dk/dv/dq kernel; BENCHMARKS.md section 4h), called directly.
+SWA_FUSED_BWD = "mosaic_gpu_fused_bwd"
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
     "implementation", ["xla"],
     "Implementations to time, in order; ratios are against the first. An op "
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
-    f"({', '.join(YARDSTICKS)}).")
+    f"({', '.join(YARDSTICKS)}); for sliding_window_attention also {SWA_FUSED_BWD}.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -188,8 +194,13 @@ def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
       softmax_kwargs = {"is_causal": causal, "local_window_size": window}
       softmax_flops = _attention_flops(b, h, pairs, d, dv)
     if op == "sliding_window_attention":
-      call = lambda q, k, v, **kw: al.sliding_window_attention(
-          q, k, v, local_window_size=window, is_causal=causal, **kw)
+      def call(q, k, v, implementation=None, interpret=False):
+        if implementation == SWA_FUSED_BWD:  # the kernel's opt-in fused backward
+          return swa_mosaic_gpu.sliding_window_attention(
+              q, k, v, left=window[0], right=window[1], scale=d ** -0.5, interpret=interpret, backward="fused")
+        return al.sliding_window_attention(
+            q, k, v, local_window_size=window, is_causal=causal,
+            implementation=implementation, interpret=interpret)
     elif op == "sigmoid_attention":
       call = lambda q, k, v, **kw: al.sigmoid_attention(
           q, k, v, is_causal=causal, local_window_size=window, **kw)

@@ -58,6 +58,11 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     first delta = rowsum(dO * o) of its tile, an output for dk/dv.
   dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
     with GQA the H // Hkv heads of a group are summed in XLA (float32).
+  fused (opt-in, `backward="fused"`): the dk/dv kernel that also adds each
+    pair's dS K into a float32 dq buffer by TMA reduce-add (five tile
+    matmuls per pair instead of seven; delta from XLA). Slower than the
+    split backward on the H200 (BENCHMARKS.md section 4h), hence not the
+    default.
 
 Masked scores are a large finite negative (not -inf), so a row whose first
 tiles are all masked never takes inf - inf; its junk sums are scaled by
@@ -358,12 +363,26 @@ def _cta_steps(n_cta, **kw):
 
 
 def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
-                  interpret):
+                  interpret, dq_acc=None):
   """(dk [B, Tp, H, D], dv [B, Tp, H, V]) per QUERY head, in q.dtype when
-  H == Hkv else float32; Tp % 128 == 0 (two key tiles per CTA)."""
+  H == Hkv else float32; Tp % 128 == 0 (two key tiles per CTA).
+
+  With `dq_acc` (the fused backward, `_backward_fused`), a zeroed float32
+  Ref [B, Tp, H, D], each warpgroup also forms every visited pair's dq
+  contribution dS K ([64, D] float32, unscaled; dS^T goes to SMEM, where it
+  is dk's A operand, and its transpose dq's) and adds it into dq_acc with a
+  TMA reduce-add from a [64, D] float32 SMEM buffer. With GQA that buffer
+  also stages dk and dv, so D == V is needed there. Interpret mode has no
+  TMA reductions: dq_acc is [2, B, Tp, H, D], one slice per compute
+  warpgroup (the two run concurrently and visit the same query tile at the
+  same step), added to by a plain GMEM read-modify-write (the interpreter
+  runs the grid's CTAs one after another).
+  """
   b, tp, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
   group = h // hkv
+  fused = dq_acc is not None
+  assert not fused or group == 1 or d == dv, (group, d, dv)
   bq = bk = _BLOCK
   n = tp // bk
   dtype = q.dtype
@@ -376,7 +395,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
                                       minimum=jnp.minimum)
 
   def swa_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-              k_smem2, v_smem2, out_smem2, bars, *maybe_a):
+              k_smem2, v_smem2, out_smem2, ds_smem2, bars, *maybe_p):
     ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
     wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
@@ -385,9 +404,12 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
     k0 = kt * bk
     own_start, own_end = jnp_range(kt)
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-    pt_smem, dst_smem = ((maybe_a[0].at[wg], maybe_a[1].at[wg])
-                         if maybe_a else (None, None))
+    ds_smem = None if ds_smem2 is None else ds_smem2.at[wg]
+    pt_smem = maybe_p[0].at[wg] if maybe_p else None
     keys = pl.ds(k0, bk)
+    staging = out_smem2
+    if fused:      # out_smem2 is the dq buffer; it stages dk, dv with GQA
+      staging = None if group == 1 else (out_smem2, None)
 
     def compute(pipeline):   # per compute warpgroup, around its steps
       plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh], k_smem, bars.at[wg])
@@ -398,10 +420,25 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
       dk, dv_ = pipeline(
           (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA)))
+      if fused:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last dq has left
       common.store_dkv(
           (dk * float(scale)).astype(out_dtype), dv_.astype(out_dtype),
           dk_ref.at[bb, keys, hh], dv_ref.at[bb, keys, hh], k_smem=k_smem,
-          v_smem=v_smem, staging=out_smem2, wg=wg)
+          v_smem=v_smem, staging=staging, wg=wg)
+
+    def add_dq(part, qt):    # the fused backward: dq_acc[rows] += part
+      rows = pl.ds(qt * bq, bq)
+      if interp is not None:
+        dst = dq_acc.at[wg, bb, rows, hh]
+        dst[...] = dst[...] + part
+        return
+      dq_smem = out_smem2.at[wg]
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous one left
+      dq_smem[...] = part
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dq_smem, dq_acc.at[bb, rows, hh],
+                              reduction_op="add")
 
     def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
       qt = start + idx[0]
@@ -420,11 +457,22 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
             keys_on_rows=True), 0.0)
         dst = pt * (dpt - _bcast(delta_j, (bk, bq), 1))
         pt16 = _a_operand(pt.astype(dtype), pt_smem)
-        dst16 = _a_operand(dst.astype(dtype), dst_smem)
+        if fused:    # dS^T in SMEM: dk's A operand, transposed dq's
+          ds_smem[...] = dst.astype(dtype)
+          plgpu.commit_smem()
+          dst16 = ds_smem
+        else:
+          dst16 = _a_operand(dst.astype(dtype), ds_smem)
         def acc(dk_ref, dv_ref):
           plgpu.wgmma(dv_ref, pt16, do_smem)
           plgpu.wgmma(dk_ref, dst16, q_smem)
-        return common.accumulate(acc, (dk_acc, dv_acc), interp)
+        carry = common.accumulate(acc, (dk_acc, dv_acc), interp)
+        if fused:
+          (dq_part,) = _products(     # [queries, D]: dS K of this pair
+              lambda r: plgpu.wgmma(r, ds_smem.transpose((1, 0)), k_smem),
+              [(bq, d)])
+          add_dq(dq_part, qt)
+        return carry
 
       valid = (qt >= own_start) & (qt < own_end)
       interior = _interior(qt * bq, k0, t=t, left=left, right=right,
@@ -444,12 +492,15 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
     pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh],
              lse_ref.at[bb, hh], delta_ref.at[bb, hh])
 
+  tile16 = plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)
   scratch = [plgpu.SMEM((_WGS, bk, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, bk, dv), dtype, transforms=_TILED),
-             common.dkv_staging(group, _WGS, bk, d, dv),
+             (plgpu.SMEM((_WGS, bq, d), jnp.float32) if fused
+              else common.dkv_staging(group, _WGS, bk, d, dv)),
+             tile16 if fused or interp is not None else None,   # dS^T
              plgpu.Barrier(num_barriers=2 * _WGS)]
   if interp is not None:
-    scratch += [plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)] * 2
+    scratch.append(tile16)                                     # P^T
   return plgpu.kernel(
       swa_dkv,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, d), out_dtype),
@@ -461,29 +512,60 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   )(q, k, v, do, lse, delta)
 
 
-# ------------------------------------------------------------ custom_vjp ---
+@functools.partial(jax.jit, static_argnames=(
+    "t", "left", "right", "scale", "interpret"))   # traced: dq_acc's new_ref
+def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
+                    interpret):
+  """(dq [B, Tp, H, D] float32 unscaled, dk, dv): `_backward_dkv` with a
+  zeroed dq buffer. Five tile matmuls per visited pair instead of the split
+  backward's seven, for the buffer's zeroing and conversion and 32 KiB of
+  reduce traffic per pair; delta [B, H, Tp] comes in (XLA). D == V or
+  H == Hkv.
+
+  Opt-in (`backward="fused"`): on the H200 the op's forward + backward is
+  1.3-1.6x slower with it than with the split backward at every window
+  measured, 128 to 2048 (BENCHMARKS.md section 4h).
+  """
+  b, tp, h, d = q.shape
+  interp = common.interpret_params(interpret)
+  dq_acc = jax.new_ref(jnp.zeros(
+      (b, tp, h, d) if interp is None else (_WGS, b, tp, h, d), jnp.float32))
+  dk, dv = _backward_dkv(q, k, v, do, lse, delta, t=t, left=left,
+                         right=right, scale=scale, interpret=interpret,
+                         dq_acc=dq_acc)
+  dq = dq_acc[...]
+  return (dq if interp is None else dq.sum(axis=0)), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _attention(q, k, v, t, left, right, scale, interpret):
+BACKWARDS = ("split", "fused")   # the first is the default
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _attention(q, k, v, t, left, right, scale, backward, interpret):
   """On T-padded arrays ([B, Tp, *, *], Tp % 128 == 0); t is the real T."""
   o, _ = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
                   interpret=interpret)
   return o
 
 
-def _attention_fwd(q, k, v, t, left, right, scale, interpret):
+def _attention_fwd(q, k, v, t, left, right, scale, backward, interpret):
   o, lse = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
                     interpret=interpret)
   return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(t, left, right, scale, interpret, res, do):
+def _attention_bwd(t, left, right, scale, backward, interpret, res, do):
   q, k, v, o, lse = res
   do = do.astype(q.dtype)
   kw = dict(t=t, left=left, right=right, scale=scale, interpret=interpret)
-  dq, delta = _backward_dq(q, k, v, do, o, lse, **kw)        # delta [B, H, Tp]
-  dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw)
+  if backward == "fused":
+    delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32),
+                       o.astype(jnp.float32))              # [B, H, Tp]
+    dq, dk, dv = _backward_fused(q, k, v, do, lse, delta, **kw)
+    dq = (dq * float(scale)).astype(q.dtype)
+  else:
+    dq, delta = _backward_dq(q, k, v, do, o, lse, **kw)    # delta [B, H, Tp]
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw)
   h, hkv = q.shape[2], k.shape[2]
   if h != hkv:   # sum each group of H // Hkv query heads into its kv head
     sum_heads = lambda x: x.reshape(
@@ -532,7 +614,8 @@ def _check(q, k, v, left, right, block_sizes):
 
 
 def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
-                             interpret=False, **block_sizes) -> jax.Array:
+                             interpret=False, backward="split",
+                             **block_sizes) -> jax.Array:
   """Sliding-window attention (module docstring) on Hopper, differentiable.
 
   Args:
@@ -542,6 +625,9 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
     scale: Python float multiplying q . k.
     interpret: False, True (`plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
+    backward: "split" (the dq and dk/dv kernels) or "fused" (one kernel, dq
+      by TMA reduce-add; D == V or H == Hkv; slower on the H200 so far,
+      BENCHMARKS.md section 4h).
     **block_sizes: block_q, block_kv; only 64 is supported.
 
   Returns:
@@ -549,16 +635,23 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
 
   Raises:
     ValueError: bad ranks/shapes, dtype not bf16/f16 (float32 included), D
-      or V not in (64, 128), negative windows, unsupported block sizes.
+      or V not in (64, 128), negative windows, unsupported block sizes, an
+      unknown or inapplicable `backward`.
   """
   _check(q, k, v, left, right, block_sizes)
-  t = q.shape[1]
+  b, t, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
   left, right = min(int(left), t - 1), min(int(right), t - 1)
+  if backward not in BACKWARDS or (backward == "fused" and h != hkv
+                                   and d != dv):
+    raise ValueError(f"backward={backward!r}: expected one of "
+                     f"{BACKWARDS} (\"fused\" needs D == V or H == Hkv; "
+                     f"got D={d}, V={dv}, H={h}, Hkv={hkv})")
   tp = -(-t // _PAD) * _PAD
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   if tp != t:
     q, k, v = pad(q), pad(k), pad(v)
-  o = _attention(q, k, v, t, left, right, float(scale), interpret)
+  o = _attention(q, k, v, t, left, right, float(scale), backward, interpret)
   return o[:, :t]
 
 

@@ -129,13 +129,15 @@ _CASES = [
 ]
 
 
+@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
 @pytest.mark.parametrize("t,h,hkv,dtype,left,right", _CASES)
-def test_interpret_matches_oracle(t, h, hkv, dtype, left, right):
+def test_interpret_matches_oracle(t, h, hkv, dtype, left, right, backward):
   d = 64
   scale = d ** -0.5
   q, k, v, w = _inputs(t, h, hkv, d, dtype)
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=right, scale=scale, interpret=True)
+      q, k, v, left=left, right=right, scale=scale, interpret=True,
+      backward=backward)
   ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=scale)
   o = fn(q, k, v)
   assert o.shape == (1, t, h, d) and o.dtype == dtype
@@ -211,42 +213,66 @@ def test_interpret_never_touches_tiles_outside_range():
   assert np.isnan(np.asarray(o[:, 64:192], np.float32)).any()
 
 
-def _window10_grads(seed, poison):
+def _window10_grads(seed, poison, backward):
   """(kernel's, oracle's) dq, dk, dv for causal window 10, T = 512; the
   kernel's q, k, v first pass through poison(q, k, v)."""
   kw = dict(left=10, right=0, scale=0.125)
   q, k, v, w = _inputs(512, 2, 1, 64, jnp.bfloat16, seed=seed)
-  fn = lambda q, k, v: swa_gpu.sliding_window_attention(q, k, v, **kw,
-                                                        interpret=True)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, **kw, interpret=True, backward=backward)
   ref = lambda q, k, v: oracle(q, k, v, **kw)
   return _grads(fn, *poison(q, k, v), w), _grads(ref, q, k, v, w)
 
 
-def test_interpret_dkv_skips_the_other_warpgroups_tiles():
+@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
+def test_interpret_dkv_skips_the_other_warpgroups_tiles(backward):
   # Causal window 10, T = 512: the dk/dv CTA of key tiles 0 and 1 streams
   # query tiles 0..2; key tile 0's warpgroup reaches only 0 and 1 and must
   # skip tile 2. NaN queries in tile 2 (rows 128..191) then leave dk, dv of
   # keys 0..63 exact, while keys 64..191 (which those queries see) get NaN.
   (_, dk, dv), (_, dk_ref, dv_ref) = _window10_grads(
-      7, lambda q, k, v: (q.at[:, 128:192].set(jnp.nan), k, v))
+      7, lambda q, k, v: (q.at[:, 128:192].set(jnp.nan), k, v), backward)
   for name, g, g_ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
     _check_close(g[:, :64], g_ref[:, :64], f"{name}[:64]")
     assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
 
 
-def test_interpret_dq_skips_the_other_warpgroups_tiles():
-  # Causal window 10, T = 512: a dq CTA holds query tiles 2c and 2c + 1 and
-  # streams the key tiles both reach. Query tile 0 reaches key tile 0 only
-  # (CTA 0 streams 0, 1); query tile 3 reaches key tiles 2, 3 (CTA 1
-  # streams 1..3). NaN keys and values in tile 1 (64..127) must leave dq of
-  # queries 0..63 and 192..255 exact: each warpgroup skipped its partner's
-  # tiles at both ends of its own range.
+@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
+def test_interpret_dq_skips_the_other_warpgroups_tiles(backward):
+  # Causal window 10, T = 512. Split: query tile 0 reaches key tile 0 only
+  # (its second, skipped step still loads tile 1), query tile 3 key tiles
+  # 2, 3. Fused: key tile 1's warpgroup streams query tiles 0..2 (its
+  # CTA's union) but reaches only 1 and 2, so it must not add into query
+  # tile 0's dq. NaN keys and values in tile 1 (64..127) must leave dq of
+  # queries 0..63 and 192..255 exact.
   poison = lambda x: x.at[:, 64:128].set(jnp.nan)
   (dq, _, _), (dq_ref, _, _) = _window10_grads(
-      8, lambda q, k, v: (q, poison(k), poison(v)))
+      8, lambda q, k, v: (q, poison(k), poison(v)), backward)
   for rows in (slice(0, 64), slice(192, 256)):
     _check_close(dq[:, rows], dq_ref[:, rows], f"dq[{rows}]")
   assert np.isnan(np.asarray(dq[:, 64:192], np.float32)).any()
+
+
+def test_interpret_fused_backward_equals_split():
+  # The two backwards do the same tile math; dk and dv come from the same
+  # wgmmas on the same operands (bitwise), dq only differs in the order its
+  # float32 contributions are summed. Causal window 401 on T = 700 with GQA
+  # (a dk/dv CTA streams 9 query tiles).
+  t, h, hkv, d, left = 700, 4, 2, 64, 400
+  q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, seed=9)
+  grads = {}
+  for backward in ("fused", "split"):
+    fn = lambda q, k, v, b=backward: swa_gpu.sliding_window_attention(
+        q, k, v, left=left, right=0, scale=0.125, interpret=True, backward=b)
+    grads[backward] = _grads(fn, q, k, v, w)
+  (dq_f, dk_f, dv_f), (dq_s, dk_s, dv_s) = grads["fused"], grads["split"]
+  np.testing.assert_array_equal(np.asarray(dk_f, np.float32),
+                                np.asarray(dk_s, np.float32))
+  np.testing.assert_array_equal(np.asarray(dv_f, np.float32),
+                                np.asarray(dv_s, np.float32))
+  assert _rel_err(dq_f, dq_s) < 1e-2
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=0.125)
+  _check_close(dq_f, _grads(ref, q, k, v, w)[0], "dq")
 
 
 def test_interpret_tiny_t():
@@ -283,7 +309,7 @@ def test_forward_lowers_for_cuda(left):
 def test_backward_lowers_for_cuda(left):
   t = 16384
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=128 ** -0.5)
+      q, k, v, left=left, right=0, scale=128 ** -0.5, backward="split")
   grad = lambda q, k, v: jax.grad(
       lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
           q, k, v)
@@ -294,6 +320,24 @@ def test_backward_lowers_for_cuda(left):
   dq, dk, dv = exported.out_avals
   assert dq.shape == (2, t, 4, 128) and dq.dtype == jnp.bfloat16
   assert dk.shape == dv.shape == (2, t, 2, 128)
+
+
+@pytest.mark.parametrize("h,hkv,d", [(4, 2, 128), (2, 2, 64)])
+def test_fused_backward_lowers_for_cuda(h, hkv, d):
+  # One kernel for the backward (its float32 dq staging, K, V, dS and two
+  # pipeline slots fit the SMEM limit); dq comes back in bf16.
+  t = 16384
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=2047, right=0, scale=0.1, backward="fused")
+  grad = lambda q, k, v: jax.grad(
+      lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
+          q, k, v)
+  exported = _export(grad, t, d=d, h=h, hkv=hkv)
+  assert len(re.findall(r"custom_call @mosaic_gpu",
+                        exported.mlir_module())) == 2
+  dq, dk, dv = exported.out_avals
+  assert dq.shape == (2, t, h, d) and dq.dtype == jnp.bfloat16
+  assert dk.shape == dv.shape == (2, t, hkv, d)
 
 
 @pytest.mark.parametrize("d,dv", [(128, 64), (64, 128)])
@@ -331,7 +375,8 @@ def test_lowers_mha_t_not_multiple_of_block():
     ("float32", "dtype=float32"), ("head_dim", "D=96"),
     ("v_dim", "V=32"), ("groups", "H=3"), ("k_shape", "k.shape"),
     ("mixed", "dtypes differ"), ("left", "left=-1"),
-    ("block", "block_q=128"), ("unknown", "block_foo")])
+    ("block", "block_q=128"), ("unknown", "block_foo"),
+    ("backward", "backward='both'"), ("fused_gqa_dv", "backward='fused'")])
 def test_rejects_bad_inputs(case, match):
   t, h, hkv, d, dv, dtype = 128, 4, 2, 64, 64, jnp.bfloat16
   kw = dict(left=3, right=0, scale=0.125)
@@ -349,6 +394,10 @@ def test_rejects_bad_inputs(case, match):
     kw["block_q"] = 128
   elif case == "unknown":
     kw["block_foo"] = 64
+  elif case == "backward":
+    kw["backward"] = "both"
+  elif case == "fused_gqa_dv":
+    kw["backward"], dv = "fused", 128
   q = jnp.zeros((1, t, h, d), dtype)
   k = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, d), dtype)
   v = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, dv),
@@ -368,13 +417,14 @@ def test_supports():
 
 
 @gpu_only
+@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
 @pytest.mark.parametrize("left", [127, 511])
-def test_gpu_matches_oracle(left):
+def test_gpu_matches_oracle(left, backward):
   t, h, hkv, d = 2048, 4, 2, 128
   scale = d ** -0.5
   q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, b=2)
   fn = jax.jit(lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=scale))
+      q, k, v, left=left, right=0, scale=scale, backward=backward))
   ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=scale)
   o = fn(q, k, v)
   assert o.shape == (2, t, h, d) and o.dtype == jnp.bfloat16
