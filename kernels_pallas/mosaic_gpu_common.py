@@ -89,6 +89,26 @@ def a_operand(x16, smem):
   return smem
 
 
+def reciprocal(x, interpret):
+  """1 / x for a float32 array in the WGMMA layout. On the GPU
+  (`interpret` None) one `rcp.approx.ftz.f32` per element (PTX ISA: at most
+  1 ulp of error, subnormals flushed to zero); a plain division lowers to
+  IEEE `div.rn.f32`, a sequence of several instructions with a slow-path
+  check. The interpreter runs no inline Mosaic GPU code, so there it divides.
+  (`_pointwise` and `_lift_fast_instr` are Mosaic GPU internals, stable in
+  the pinned jax 0.11.2.)"""
+  if interpret is not None:
+    return 1.0 / x
+
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA,),
+      return_type=plgpu.ShapeDtypeStruct(x.shape, jnp.float32,
+                                         layout=plgpu.Layout.WGMMA))
+  def rcp(_, y):
+    return y._pointwise(y._lift_fast_instr("rcp.approx.ftz.f32"))  # pylint: disable=protected-access
+  return rcp(x)
+
+
 def dkv_staging(group, wgs, rows, d, dv):
   """SMEM scratch of `store_dkv` for `wgs` warpgroups of [rows, *] tiles:
   None when H == Hkv (group 1: 16-bit outputs staged in K and V

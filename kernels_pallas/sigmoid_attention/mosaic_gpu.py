@@ -51,7 +51,8 @@ input dtype before their matmuls:
     warpgroup) and a third warpgroup streams Q and dO over the union of
     their query-tile ranges; dk/dv per QUERY head, summed over each GQA group
     in XLA (float32).
-p = 1 / (1 + 2^-x) with x = (s + b) log2(e).
+p = 1 / (1 + 2^-x) with x = (s + b) log2(e), the reciprocal an approximate
+`rcp` instruction (1 ulp; an IEEE division costs several instructions).
 
 Supported: bfloat16/float16 (float32 raises ValueError; the op then uses
 xla), D and V in (64, 128), any Tq, Tk >= 1. Interpret mode
@@ -128,9 +129,10 @@ def _visible(row0, col0, *, tk, left, right, keys_on_rows,
   return ok
 
 
-def _sigmoid(x2):
-  """sigmoid(x) for x2 = x log2(e)."""
-  return 1.0 / (1.0 + jnp.exp2(-x2))
+def _sigmoid(x2, interp):
+  """sigmoid(x) for x2 = x log2(e): two MUFU operations per element on the
+  GPU (ex2, and rcp through `common.reciprocal`)."""
+  return common.reciprocal(1.0 + jnp.exp2(-x2), interp)
 
 
 def _bias_rows(bias_ref, hh):
@@ -217,7 +219,7 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
         (s,) = _products(
             lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
             [(bq, bk)])
-        p = _sigmoid(s * c + _bcast(b2, s.shape, 0))
+        p = _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * bk, tk=tk, left=left, right=right, keys_on_rows=False,
             shape=(bq, bk)), 0.0)
@@ -305,7 +307,7 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
         s, dp = _products(mma, [(_BLOCK, _BLOCK)] * 2)
-        p = _sigmoid(s * c + _bcast(b2, s.shape, 0))
+        p = _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * _BLOCK, tk=tk, left=left, right=right,
             keys_on_rows=False), 0.0)
@@ -395,7 +397,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
         st, dpt = _products(mma, [(_BLOCK, _BLOCK)] * 2)   # [keys, queries]
-        pt = _sigmoid(st * c + _bcast(b2, st.shape, 0))
+        pt = _sigmoid(st * c + _bcast(b2, st.shape, 0), interp)
         pt = _edge_mask(pt, interior, lambda: _visible(
             k0, qt * _BLOCK, tk=tk, left=left, right=right,
             keys_on_rows=True), 0.0)
