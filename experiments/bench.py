@@ -11,8 +11,9 @@ Implementations: the op's backends ("xla", "mosaic_tpu", "mosaic_gpu"), and
 two yardsticks that compute softmax attention of the same q/k/v shapes with the
 same causal flag and window: "cudnn_softmax" (jax.nn.dot_product_attention with
 implementation="cudnn"; GPU only) and "xla_softmax" (the same with "xla").
-For sliding_window_attention also "mosaic_gpu_fused_bwd": the Hopper kernel
-with its opt-in fused backward (`backward="fused"`).
+Kernel options: for sliding_window_attention "mosaic_gpu_fused_bwd" (the
+Hopper kernel with `backward="fused"`), for sigmoid_attention
+"mosaic_gpu_pingpong" (the Hopper kernel with `pingpong=True`).
 
 Examples:
   # CPU smoke test
@@ -44,21 +45,27 @@ import numpy as np
 import attnlib as al
 import kernel_profile
 from kernels_pallas.local_attention import mosaic_gpu as swa_mosaic_gpu
+from kernels_pallas.sigmoid_attention import mosaic_gpu as sigmoid_mosaic_gpu
 
 OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
        "sigmoid_attention", "attention_scan", "attention_scan_step",
        "dot_product_attention")
 YARDSTICKS = ("cudnn_softmax", "xla_softmax")
-# sliding_window_attention only: the mosaic_gpu kernel with backward="fused"
-# (one dk/dv/dq kernel; BENCHMARKS.md section 4h), called directly.
+# Kernel options not exposed by the ops, timed by calling the kernel module
+# directly: sliding_window_attention's mosaic_gpu kernel with
+# backward="fused" (one dk/dv/dq kernel; BENCHMARKS.md section 4h), and
+# sigmoid_attention's with pingpong=True (the forward's warpgroups take
+# turns on the tensor cores).
 SWA_FUSED_BWD = "mosaic_gpu_fused_bwd"
+SIGMOID_PINGPONG = "mosaic_gpu_pingpong"
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
     "implementation", ["xla"],
     "Implementations to time, in order; ratios are against the first. An op "
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
-    f"({', '.join(YARDSTICKS)}); for sliding_window_attention also {SWA_FUSED_BWD}.")
+    f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD} "
+    f"(sliding_window_attention), {SIGMOID_PINGPONG} (sigmoid_attention).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -202,8 +209,18 @@ def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
             q, k, v, local_window_size=window, is_causal=causal,
             implementation=implementation, interpret=interpret)
     elif op == "sigmoid_attention":
-      call = lambda q, k, v, **kw: al.sigmoid_attention(
-          q, k, v, is_causal=causal, local_window_size=window, **kw)
+      def call(q, k, v, implementation=None, interpret=False):
+        if implementation == SIGMOID_PINGPONG:  # the op's defaults, kernel option on
+          left, right = window if window is not None else (None, None)
+          if causal:
+            right = 0
+          bias = jnp.full((h,), -math.log(t), jnp.float32)
+          return sigmoid_mosaic_gpu.sigmoid_attention(
+              q, k, v, bias, left=left, right=right, scale=d ** -0.5,
+              interpret=interpret, pingpong=True)
+        return al.sigmoid_attention(
+            q, k, v, is_causal=causal, local_window_size=window,
+            implementation=implementation, interpret=interpret)
     else:
       def call(q, k, v, implementation=None, interpret=False):
         del interpret  # jax.nn.dot_product_attention has no Pallas kernel.

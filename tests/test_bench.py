@@ -112,18 +112,21 @@ def test_bench_rejects_a_negative_min_time(tmp_path):
   assert "min_time" in result.stderr and not (tmp_path / "results.json").exists()
 
 
-def test_bench_fused_sliding_window_backward_in_interpret_mode(tmp_path):
-  """The mosaic_gpu_fused_bwd variant runs (Mosaic GPU interpreter) and gets
-  the split kernel's gradients' time row beside it."""
-  cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"),
-         "--op=sliding_window_attention", "--window=16", "--batch=1", "--heads=1",
-         "--head_dim=64", "--seq_len=128", "--dtype=bfloat16", "--iters=1",
-         "--repeats=1", "--warmup=0", "--mode=fwd_bwd", "--interpret",
-         "--implementation=mosaic_gpu", f"--implementation={bench.SWA_FUSED_BWD}",
-         f"--out={tmp_path}"]
+@pytest.mark.parametrize("op,variant,extra", [
+    ("sliding_window_attention", bench.SWA_FUSED_BWD, ["--window=16"]),
+    ("sigmoid_attention", bench.SIGMOID_PINGPONG, ["--window=16"]),
+    ("sigmoid_attention", bench.SIGMOID_PINGPONG, ["--nocausal"])])
+def test_bench_kernel_options_in_interpret_mode(op, variant, extra, tmp_path):
+  """A kernel-option variant runs (Mosaic GPU interpreter) beside the op's
+  own mosaic_gpu row."""
+  cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), f"--op={op}",
+         "--batch=1", "--heads=1", "--head_dim=64", "--seq_len=128",
+         "--dtype=bfloat16", "--iters=1", "--repeats=1", "--warmup=0",
+         "--mode=fwd_bwd", "--interpret", "--implementation=mosaic_gpu",
+         f"--implementation={variant}", f"--out={tmp_path}", *extra]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = {r["implementation"]: r
           for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
-  assert rows["mosaic_gpu"]["ms"] > 0 and rows[bench.SWA_FUSED_BWD]["ms"] > 0, rows
+  assert rows["mosaic_gpu"]["ms"] > 0 and rows[variant]["ms"] > 0, rows

@@ -43,6 +43,8 @@ input dtype before their matmuls:
     warpgroup streams [128, D] key and value tiles over the union of their
     ranges, acc += P V. (Against one warpgroup per query tile over 64-key
     tiles: 1.08x at 4k, 1.41x at 16k tokens, BENCHMARKS.md section 5.)
+    Option `pingpong=True`: the two warpgroups take turns on the tensor
+    cores (FlashAttention-3's schedule); not yet timed, so off.
   dq:      warp-specialized like the forward, over [64, D] key and value
     tiles (against one warpgroup per CTA: forward + backward 1.02-1.09x,
     BENCHMARKS.md section 5c); S and dP = dO V^T, ds, dq += dS K, and the
@@ -173,10 +175,18 @@ def _own_tiles(copies, bars, wg, bias_ref, hh):
 _BLOCK_K_FWD = 128   # key tile of the forward
 
 
-def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
+def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
+             pingpong=False):
   """q [B, Tqp, H, D], k [B, Tkp, Hkv, D] (padded) -> o [B, Tqp, H, V]: two
   compute warpgroups per CTA (64 query rows each) share [128, D] key tiles
-  streamed by a third."""
+  streamed by a third.
+
+  pingpong: the two compute warpgroups take turns on the tensor cores, as
+  FlashAttention-3 schedules its two softmax warpgroups: a barrier both
+  arrive at twice a step (after issuing S = Q K^T; after the sigmoid,
+  before P V), with warpgroup 1 one arrival ahead, so one warpgroup's
+  sigmoid runs under the other's matmuls. Skipped steps arrive too, so
+  both warpgroups arrive equally often."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -191,7 +201,7 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
                                   minimum=jnp.minimum)
 
   def sigmoid_forward(q_ref, k_ref, v_ref, bias_ref, o_ref, q_smem2,
-                      o_smem2, bars, *maybe_p):
+                      o_smem2, bars, turns, *maybe_p):
     wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = _cta(
         "q", group, jnp_range)
     q0 = qt * bq
@@ -199,12 +209,21 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
     p_smem = maybe_p[0].at[wg] if maybe_p else None
     rows = pl.ds(q0, bq)
 
+    def turn():   # pingpong: wait until the other warpgroup arrives too
+      if pingpong:
+        plgpu.barrier_arrive(turns)
+        plgpu.barrier_wait(turns)
+
     def compute(pipeline):
       plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[wg])
       b2 = _bias_rows(bias_ref, hh) * _LOG2E
       plgpu.barrier_wait(bars.at[wg])
+      if pingpong:
+        pl.when(wg == 1)(turn)      # warpgroup 1 runs one arrival ahead
       acc, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA), b2))
+      if pingpong:
+        pl.when(wg == 0)(turn)      # ... which warpgroup 0 makes up here
       o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]
       o_smem[...] = acc.astype(dtype)   # (Q is read no more)
       plgpu.commit_smem()
@@ -216,22 +235,32 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
 
       def step(carry, interior):
         acc, b2 = carry
-        (s,) = _products(
-            lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
-            [(bq, bk)])
+        def qk(r):
+          plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0)))
+          turn()
+        (s,) = _products(qk, [(bq, bk)])
         p = _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * bk, tk=tk, left=left, right=right, keys_on_rows=False,
             shape=(bq, bk)), 0.0)
         p16 = _a_operand(p.astype(dtype), p_smem)
+        turn()
         (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
                                    (acc,), interp)
         return acc, b2
 
+      def skip(carry):
+        turn()
+        turn()
+        return carry
+
       valid = (kt >= own_start) & (kt < own_end)
       interior = _interior(q0, kt * bk, tk=tk, left=left, right=right,
                            bq=bq, bk=bk)
-      return _skip_or(valid, interior, step, carry)
+      if not pingpong:
+        return _skip_or(valid, interior, step, carry)
+      return lax.cond(valid, functools.partial(step, interior=interior),
+                      skip, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -246,7 +275,8 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret):
   scratch = [plgpu.SMEM((_WGS, bq, d), dtype, transforms=_TILED),
              None if d == dv else plgpu.SMEM((_WGS, bq, dv), dtype,
                                              transforms=_TILED),   # o
-             plgpu.Barrier(num_barriers=_WGS)]
+             plgpu.Barrier(num_barriers=_WGS),
+             plgpu.Barrier(num_arrivals=_WGS) if pingpong else None]
   if interp is not None:
     scratch.append(plgpu.SMEM((_WGS, bq, bk), dtype, transforms=_TILED))
   return plgpu.kernel(
@@ -445,19 +475,22 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
 # ------------------------------------------------------------ custom_vjp ---
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _attention(q, k, v, bias, tq, tk, left, right, scale, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _attention(q, k, v, bias, tq, tk, left, right, scale, pingpong,
+               interpret):
   """On padded arrays; bias float32 [H, 64] (each head's value repeated)."""
   return _forward(q, k, v, bias, tq=tq, tk=tk, left=left, right=right,
-                  scale=scale, interpret=interpret)
+                  scale=scale, interpret=interpret, pingpong=pingpong)
 
 
-def _attention_fwd(q, k, v, bias, tq, tk, left, right, scale, interpret):
-  return _attention(q, k, v, bias, tq, tk, left, right, scale,
+def _attention_fwd(q, k, v, bias, tq, tk, left, right, scale, pingpong,
+                   interpret):
+  return _attention(q, k, v, bias, tq, tk, left, right, scale, pingpong,
                     interpret), (q, k, v, bias)
 
 
-def _attention_bwd(tq, tk, left, right, scale, interpret, res, do):
+def _attention_bwd(tq, tk, left, right, scale, pingpong, interpret, res, do):
+  del pingpong   # a forward option
   q, k, v, bias = res
   do = do.astype(q.dtype)
   kw = dict(tq=tq, tk=tk, left=left, right=right, scale=scale,
@@ -512,7 +545,7 @@ def _check(q, k, v, bias, left, right):
 
 
 def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
-                      interpret=False) -> jax.Array:
+                      interpret=False, pingpong=False) -> jax.Array:
   """Sigmoid attention (module docstring) on Hopper, differentiable in q, k,
   v and bias.
 
@@ -524,15 +557,19 @@ def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
     scale: Python float multiplying q . k.
     interpret: False, True (`plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
+    pingpong: the forward's two compute warpgroups take turns on the tensor
+      cores (`_forward`). Off by default: not yet timed on a GPU.
 
   Returns:
     [B, Tq, H, V] in q.dtype.
 
   Raises:
     ValueError: bad ranks/shapes, dtype not bf16/f16, D or V not in
-      (64, 128), bias not of shape [H], bad windows.
+      (64, 128), bias not of shape [H], bad windows, a non-bool pingpong.
   """
   _check(q, k, v, bias, left, right)
+  if not isinstance(pingpong, bool):
+    raise ValueError(f"pingpong={pingpong!r} must be a bool")
   tq, tk = q.shape[1], k.shape[1]
   if left is not None:
     left = min(left, tk - 1)
@@ -544,5 +581,5 @@ def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
   bias_rows = jnp.broadcast_to(
       jnp.asarray(bias, jnp.float32)[:, None], (q.shape[2], _BLOCK))
   o = _attention(pad_to(q, tqp), pad_to(k, tkp), pad_to(v, tkp), bias_rows,
-                 tq, tk, left, right, float(scale), interpret)
+                 tq, tk, left, right, float(scale), pingpong, interpret)
   return o[:, :tq]

@@ -105,7 +105,24 @@ def test_interpret_matches_oracle(tq, tk, h, hkv, d, dv, dtype, left, right):
     _check_close(g, g_ref, name)
 
 
-def test_interpret_skipped_tiles_are_never_used():
+@pytest.mark.parametrize("tq,tk,h,hkv,d,dv,dtype,left,right",
+                         [_CASES[i] for i in (0, 1, 2, 5)])
+def test_interpret_pingpong_forward_matches_oracle(tq, tk, h, hkv, d, dv,
+                                                   dtype, left, right):
+  # The forward with its two warpgroups taking turns (a barrier twice a
+  # step, skipped steps included): full, causal (warpgroups with different
+  # step counts of their own), a two-sided window, one tile. A miscounted
+  # arrival deadlocks (the interpreter runs the warpgroups concurrently),
+  # which the timeout of setup.cfg turns into a failure.
+  q, k, v, _, bias = _inputs(tq, tk, h, hkv, d, dv, dtype)
+  o = sig_gpu.sigmoid_attention(q, k, v, bias, left=left, right=right,
+                                scale=0.2, interpret=True, pingpong=True)
+  _check_close(o, oracle(q, k, v, bias=bias, scale=0.2, left=left,
+                         right=right), "o")
+
+
+@pytest.mark.parametrize("pingpong", [False, True])
+def test_interpret_skipped_tiles_are_never_used(pingpong):
   # Causal, window 10, T = 512: keys 128..255 (the forward's key tile 1 of
   # 128, the 64-row tiles 2 and 3 of the backward) are NaN. Queries 0..63
   # and 384..511 never see them; their rows must stay finite and exact, so
@@ -114,7 +131,8 @@ def test_interpret_skipped_tiles_are_never_used():
   q, k, v, _, bias = _inputs(t, t, 2, 1, 64, 64, jnp.bfloat16, seed=2)
   poison = lambda x: x.at[:, 128:256].set(jnp.nan)
   o = sig_gpu.sigmoid_attention(q, poison(k), poison(v), bias, left=left,
-                                right=0, scale=0.125, interpret=True)
+                                right=0, scale=0.125, interpret=True,
+                                pingpong=pingpong)
   want = oracle(q, k, v, bias=bias, scale=0.125, left=left, right=0)
   for rows in (slice(0, 64), slice(384, 512)):
     _check_close(o[:, rows], want[:, rows], f"o[{rows}]")
@@ -163,15 +181,17 @@ def test_interpret_dq_skips_the_other_warpgroups_tiles():
 # --------------------------------------------------------------- lowering ---
 
 
-@pytest.mark.parametrize("t,d,dv,right", [
-    (1024, 64, 64, None), (4096, 128, 128, 0), (16384, 128, 128, None),
-    (4096, 128, 64, None), (4096, 64, 128, 0)])
-def test_lowers_for_cuda(t, d, dv, right):
+@pytest.mark.parametrize("t,d,dv,right,pingpong", [
+    (1024, 64, 64, None, False), (4096, 128, 128, 0, False),
+    (16384, 128, 128, None, False), (4096, 128, 64, None, False),
+    (4096, 64, 128, 0, False), (4096, 128, 128, None, True),
+    (16384, 128, 128, 0, True)])
+def test_lowers_for_cuda(t, d, dv, right, pingpong):
   sds = jax.ShapeDtypeStruct
   args = (sds((2, t, 16, d), jnp.bfloat16), sds((2, t, 4, d), jnp.bfloat16),
           sds((2, t, 4, dv), jnp.bfloat16), sds((16,), jnp.float32))
   fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
-      q, k, v, b, left=None, right=right, scale=d ** -0.5)
+      q, k, v, b, left=None, right=right, scale=d ** -0.5, pingpong=pingpong)
   both = lambda *a: (fn(*a), jax.grad(
       lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3))(*a))
   exported = jax.export.export(jax.jit(both), platforms=["cuda"])(*args)
@@ -199,6 +219,7 @@ def test_lowers_for_cuda(t, d, dv, right):
     (dict(left=-1), "left"),
     (dict(tk=100, left=4), "Tq == Tk"),
     (dict(hkv=3), "multiple"),
+    (dict(pingpong=1), "pingpong"),
 ])
 def test_rejects_bad_inputs(case, match):
   c = dict(tq=64, tk=64, h=4, hkv=2, d=64, dtype=jnp.bfloat16, left=None)
@@ -207,7 +228,8 @@ def test_rejects_bad_inputs(case, match):
                              c["d"], c["dtype"])
   with pytest.raises(ValueError, match=match):
     sig_gpu.sigmoid_attention(q, k, v, c.get("bias", bias), left=c["left"],
-                              right=None, scale=0.1, interpret=True)
+                              right=None, scale=0.1, interpret=True,
+                              pingpong=c.get("pingpong", False))
 
 
 def test_supports():
@@ -220,12 +242,14 @@ def test_supports():
 
 
 @gpu_only
-@pytest.mark.parametrize("left,right", [(None, None), (None, 0), (300, 0)])
-def test_gpu_matches_oracle(left, right):
+@pytest.mark.parametrize("left,right,pingpong", [
+    (None, None, False), (None, 0, False), (300, 0, False),
+    (None, None, True), (None, 0, True), (300, 0, True)])
+def test_gpu_matches_oracle(left, right, pingpong):
   t, h, hkv, d = 2048, 4, 2, 128
   q, k, v, w, bias = _inputs(t, t, h, hkv, d, d, jnp.bfloat16, b=2)
   fn = jax.jit(lambda q, k, v, b: sig_gpu.sigmoid_attention(
-      q, k, v, b, left=left, right=right, scale=d ** -0.5))
+      q, k, v, b, left=left, right=right, scale=d ** -0.5, pingpong=pingpong))
   ref = lambda q, k, v, b: oracle(q, k, v, bias=b, scale=d ** -0.5,
                                   left=left, right=right)
   _check_close(fn(q, k, v, bias), ref(q, k, v, bias), "o")
