@@ -12,8 +12,9 @@ two yardsticks that compute softmax attention of the same q/k/v shapes with the
 same causal flag and window: "cudnn_softmax" (jax.nn.dot_product_attention with
 implementation="cudnn"; GPU only) and "xla_softmax" (the same with "xla").
 Kernel options: for sliding_window_attention "mosaic_gpu_fused_bwd" (the
-Hopper kernel with `backward="fused"`), for sigmoid_attention
-"mosaic_gpu_pingpong" (the Hopper kernel with `pingpong=True`).
+Hopper kernel with `backward="fused"`), for sliding_window_attention and
+sigmoid_attention "mosaic_gpu_pingpong" (the Hopper kernel with
+`pingpong=True`).
 
 Examples:
   # CPU smoke test
@@ -53,11 +54,11 @@ OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
 YARDSTICKS = ("cudnn_softmax", "xla_softmax")
 # Kernel options not exposed by the ops, timed by calling the kernel module
 # directly: sliding_window_attention's mosaic_gpu kernel with
-# backward="fused" (one dk/dv/dq kernel; BENCHMARKS.md section 4h), and
-# sigmoid_attention's with pingpong=True (the forward's warpgroups take
-# turns on the tensor cores).
+# backward="fused" (one dk/dv/dq kernel; BENCHMARKS.md section 4h), and the
+# sliding-window and sigmoid mosaic_gpu kernels with pingpong=True (two
+# compute warpgroups taking turns on the tensor cores).
 SWA_FUSED_BWD = "mosaic_gpu_fused_bwd"
-SIGMOID_PINGPONG = "mosaic_gpu_pingpong"
+PINGPONG = "mosaic_gpu_pingpong"
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -65,7 +66,8 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "Implementations to time, in order; ratios are against the first. An op "
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD} "
-    f"(sliding_window_attention), {SIGMOID_PINGPONG} (sigmoid_attention).")
+    f"(sliding_window_attention), {PINGPONG} (sliding_window_attention, "
+    "sigmoid_attention).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -202,15 +204,18 @@ def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
       softmax_flops = _attention_flops(b, h, pairs, d, dv)
     if op == "sliding_window_attention":
       def call(q, k, v, implementation=None, interpret=False):
-        if implementation == SWA_FUSED_BWD:  # the kernel's opt-in fused backward
+        if implementation in (SWA_FUSED_BWD, PINGPONG):  # kernel options
           return swa_mosaic_gpu.sliding_window_attention(
-              q, k, v, left=window[0], right=window[1], scale=d ** -0.5, interpret=interpret, backward="fused")
+              q, k, v, left=window[0], right=window[1], scale=d ** -0.5,
+              interpret=interpret,
+              backward="fused" if implementation == SWA_FUSED_BWD else "split",
+              pingpong=implementation == PINGPONG)
         return al.sliding_window_attention(
             q, k, v, local_window_size=window, is_causal=causal,
             implementation=implementation, interpret=interpret)
     elif op == "sigmoid_attention":
       def call(q, k, v, implementation=None, interpret=False):
-        if implementation == SIGMOID_PINGPONG:  # the op's defaults, kernel option on
+        if implementation == PINGPONG:  # the op's defaults, kernel option on
           left, right = window if window is not None else (None, None)
           if causal:
             right = 0

@@ -147,6 +147,49 @@ def skip_or(valid, interior, step, carry):
                   lambda c: c, carry)
 
 
+class Turns:
+  """Two compute warpgroups of a warp-specialized kernel taking turns on the
+  tensor cores, as FlashAttention-3 schedules its two softmax warpgroups
+  ("ping-pong"). Both arrive at one barrier (`scratch(True)`: two
+  arrivals per phase) twice a step: `turn()` after issuing the step's
+  first matmuls and again before issuing its last ones. Warpgroup 1 runs
+  one arrival ahead (`begin`, made up by warpgroup 0 in `end`), so one
+  warpgroup's elementwise work falls between the other's matmuls. A
+  skipped step arrives twice too (`skip_or`): both warpgroups must arrive
+  equally often, or the kernel deadlocks. Built with barrier None (the
+  option off), every method is a no-op and `skip_or` is `skip_or`."""
+
+  def __init__(self, barrier, wg):
+    self.barrier, self.wg = barrier, wg
+
+  @staticmethod
+  def scratch(enabled):
+    return plgpu.Barrier(num_arrivals=2) if enabled else None
+
+  def turn(self):
+    if self.barrier is not None:
+      plgpu.barrier_arrive(self.barrier)
+      plgpu.barrier_wait(self.barrier)
+
+  def begin(self):
+    if self.barrier is not None:
+      pl.when(self.wg == 1)(self.turn)
+
+  def end(self):
+    if self.barrier is not None:
+      pl.when(self.wg == 0)(self.turn)
+
+  def skip_or(self, valid, interior, step, carry):
+    if self.barrier is None:
+      return skip_or(valid, interior, step, carry)
+    def skip(carry):
+      self.turn()
+      self.turn()
+      return carry
+    return lax.cond(valid, functools.partial(step, interior=interior), skip,
+                    carry)
+
+
 def edge_mask(x, interior, visible, fill):
   """x where visible() (the tile's mask), fill elsewhere; x as it is when
   `interior` (a traced bool: the whole tile is visible). The branch holds

@@ -63,6 +63,9 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     matmuls per pair instead of seven; delta from XLA). Slower than the
     split backward on the H200 (BENCHMARKS.md section 4h), hence not the
     default.
+  Option `pingpong=True`: the dk/dv kernel's two compute warpgroups take
+    turns on the tensor cores (FlashAttention-3's schedule, `common.Turns`);
+    not yet timed on a GPU, so off by default.
 
 Masked scores are a large finite negative (not -inf), so a row whose first
 tiles are all masked never takes inf - inf; its junk sums are scaled by
@@ -363,9 +366,13 @@ def _cta_steps(n_cta, **kw):
 
 
 def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
-                  interpret, dq_acc=None):
+                  interpret, pingpong=False, dq_acc=None):
   """(dk [B, Tp, H, D], dv [B, Tp, H, V]) per QUERY head, in q.dtype when
   H == Hkv else float32; Tp % 128 == 0 (two key tiles per CTA).
+
+  pingpong: the two compute warpgroups take turns on the tensor cores
+  (`common.Turns`: after issuing S^T and dP^T, and before dv's and dk's
+  matmuls).
 
   With `dq_acc` (the fused backward, `_backward_fused`), a zeroed float32
   Ref [B, Tp, H, D], each warpgroup also forms every visited pair's dq
@@ -395,9 +402,11 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
                                       minimum=jnp.minimum)
 
   def swa_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-              k_smem2, v_smem2, out_smem2, ds_smem2, bars, *maybe_p):
+              k_smem2, v_smem2, out_smem2, ds_smem2, bars, turns_bar,
+              *maybe_p):
     ct, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
     wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
+    turns = common.Turns(turns_bar, wg)
     kvh = lax.div(hh, jnp.array(group, hh.dtype))
     start, _ = jnp_range(_WGS * ct)  # the CTA's first query tile
     kt = _WGS * ct + wg              # this warpgroup's key tile
@@ -417,9 +426,11 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
                               bars.at[_WGS + wg])
       plgpu.barrier_wait(bars.at[wg])
       plgpu.barrier_wait(bars.at[_WGS + wg])
+      turns.begin()
       dk, dv_ = pipeline(
           (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA)))
+      turns.end()
       if fused:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last dq has left
       common.store_dkv(
@@ -448,6 +459,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
         def mma(st_ref, dpt_ref):
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+          turns.turn()
         st, dpt = _products(mma, [(bk, bq), (bk, bq)])   # [keys, queries]
         lse_j = plgpu.load(lse_smem, layout=_COLS)
         delta_j = plgpu.load(delta_smem, layout=_COLS)
@@ -463,6 +475,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
           dst16 = ds_smem
         else:
           dst16 = _a_operand(dst.astype(dtype), ds_smem)
+        turns.turn()
         def acc(dk_ref, dv_ref):
           plgpu.wgmma(dv_ref, pt16, do_smem)
           plgpu.wgmma(dk_ref, dst16, q_smem)
@@ -477,7 +490,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
       valid = (qt >= own_start) & (qt < own_end)
       interior = _interior(qt * bq, k0, t=t, left=left, right=right,
                            block_q=bq, block_kv=bk)
-      return _skip_or(valid, interior, step, carry)
+      return turns.skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
     clamp1 = lambda i: (jnp.minimum(start + i, n - 1),)
@@ -498,7 +511,8 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
              (plgpu.SMEM((_WGS, bq, d), jnp.float32) if fused
               else common.dkv_staging(group, _WGS, bk, d, dv)),
              tile16 if fused or interp is not None else None,   # dS^T
-             plgpu.Barrier(num_barriers=2 * _WGS)]
+             plgpu.Barrier(num_barriers=2 * _WGS),
+             common.Turns.scratch(pingpong)]
   if interp is not None:
     scratch.append(tile16)                                     # P^T
   return plgpu.kernel(
@@ -513,9 +527,9 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "t", "left", "right", "scale", "interpret"))   # traced: dq_acc's new_ref
+    "t", "left", "right", "scale", "interpret", "pingpong"))  # dq_acc: new_ref
 def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
-                    interpret):
+                    interpret, pingpong=False):
   """(dq [B, Tp, H, D] float32 unscaled, dk, dv): `_backward_dkv` with a
   zeroed dq buffer. Five tile matmuls per visited pair instead of the split
   backward's seven, for the buffer's zeroing and conversion and 32 KiB of
@@ -532,7 +546,7 @@ def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
       (b, tp, h, d) if interp is None else (_WGS, b, tp, h, d), jnp.float32))
   dk, dv = _backward_dkv(q, k, v, do, lse, delta, t=t, left=left,
                          right=right, scale=scale, interpret=interpret,
-                         dq_acc=dq_acc)
+                         pingpong=pingpong, dq_acc=dq_acc)
   dq = dq_acc[...]
   return (dq if interp is None else dq.sum(axis=0)), dk, dv
 
@@ -540,32 +554,41 @@ def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
 BACKWARDS = ("split", "fused")   # the first is the default
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _attention(q, k, v, t, left, right, scale, backward, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _attention(q, k, v, t, left, right, scale, backward, pingpong,
+               interpret):
   """On T-padded arrays ([B, Tp, *, *], Tp % 128 == 0); t is the real T."""
   o, _ = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
                   interpret=interpret)
   return o
 
 
-def _attention_fwd(q, k, v, t, left, right, scale, backward, interpret):
+def _attention_fwd(q, k, v, t, left, right, scale, backward, pingpong,
+                   interpret):
   o, lse = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
                     interpret=interpret)
   return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(t, left, right, scale, backward, interpret, res, do):
+def _attention_bwd(t, left, right, scale, backward, pingpong, interpret, res,
+                   do):
   q, k, v, o, lse = res
   do = do.astype(q.dtype)
   kw = dict(t=t, left=left, right=right, scale=scale, interpret=interpret)
   if backward == "fused":
     delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32),
                        o.astype(jnp.float32))              # [B, H, Tp]
-    dq, dk, dv = _backward_fused(q, k, v, do, lse, delta, **kw)
+    dq, dk, dv = _backward_fused(q, k, v, do, lse, delta, **kw,
+                                 pingpong=pingpong)
+    if interpret and not isinstance(dq, jax.core.Tracer):
+      # Eager interpret mode: wait for the kernel. Ops dispatched while its
+      # interpreter callbacks still run sometimes deadlocked with them (2 CPU
+      # cores, pytest-xdist; jax 0.11.2).
+      jax.block_until_ready((dq, dk, dv))
     dq = (dq * float(scale)).astype(q.dtype)
   else:
     dq, delta = _backward_dq(q, k, v, do, o, lse, **kw)    # delta [B, H, Tp]
-    dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw)
+    dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw, pingpong=pingpong)
   h, hkv = q.shape[2], k.shape[2]
   if h != hkv:   # sum each group of H // Hkv query heads into its kv head
     sum_heads = lambda x: x.reshape(
@@ -615,7 +638,7 @@ def _check(q, k, v, left, right, block_sizes):
 
 def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
                              interpret=False, backward="split",
-                             **block_sizes) -> jax.Array:
+                             pingpong=False, **block_sizes) -> jax.Array:
   """Sliding-window attention (module docstring) on Hopper, differentiable.
 
   Args:
@@ -628,6 +651,8 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
     backward: "split" (the dq and dk/dv kernels) or "fused" (one kernel, dq
       by TMA reduce-add; D == V or H == Hkv; slower on the H200 so far,
       BENCHMARKS.md section 4h).
+    pingpong: the dk/dv kernel's two compute warpgroups take turns on the
+      tensor cores (`common.Turns`). Off by default: not yet timed on a GPU.
     **block_sizes: block_q, block_kv; only 64 is supported.
 
   Returns:
@@ -636,7 +661,7 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
   Raises:
     ValueError: bad ranks/shapes, dtype not bf16/f16 (float32 included), D
       or V not in (64, 128), negative windows, unsupported block sizes, an
-      unknown or inapplicable `backward`.
+      unknown or inapplicable `backward`, a non-bool `pingpong`.
   """
   _check(q, k, v, left, right, block_sizes)
   b, t, h, d = q.shape
@@ -647,11 +672,14 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
     raise ValueError(f"backward={backward!r}: expected one of "
                      f"{BACKWARDS} (\"fused\" needs D == V or H == Hkv; "
                      f"got D={d}, V={dv}, H={h}, Hkv={hkv})")
+  if not isinstance(pingpong, bool):
+    raise ValueError(f"pingpong={pingpong!r} must be a bool")
   tp = -(-t // _PAD) * _PAD
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   if tp != t:
     q, k, v = pad(q), pad(k), pad(v)
-  o = _attention(q, k, v, t, left, right, float(scale), backward, interpret)
+  o = _attention(q, k, v, t, left, right, float(scale), backward, pingpong,
+                 interpret)
   return o[:, :t]
 
 

@@ -43,8 +43,6 @@ input dtype before their matmuls:
     warpgroup streams [128, D] key and value tiles over the union of their
     ranges, acc += P V. (Against one warpgroup per query tile over 64-key
     tiles: 1.08x at 4k, 1.41x at 16k tokens, BENCHMARKS.md section 5.)
-    Option `pingpong=True`: the two warpgroups take turns on the tensor
-    cores (FlashAttention-3's schedule); not yet timed, so off.
   dq:      warp-specialized like the forward, over [64, D] key and value
     tiles (against one warpgroup per CTA: forward + backward 1.02-1.09x,
     BENCHMARKS.md section 5c); S and dP = dO V^T, ds, dq += dS K, and the
@@ -53,6 +51,9 @@ input dtype before their matmuls:
     warpgroup) and a third warpgroup streams Q and dO over the union of
     their query-tile ranges; dk/dv per QUERY head, summed over each GQA group
     in XLA (float32).
+Option `pingpong=True`: in each kernel the two compute warpgroups take turns
+on the tensor cores (FlashAttention-3's schedule, `common.Turns`); not yet
+timed on a GPU, so off by default.
 p = 1 / (1 + 2^-x) with x = (s + b) log2(e), the reciprocal an approximate
 `rcp` instruction (1 ulp; an IEEE division costs several instructions).
 
@@ -181,12 +182,9 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
   compute warpgroups per CTA (64 query rows each) share [128, D] key tiles
   streamed by a third.
 
-  pingpong: the two compute warpgroups take turns on the tensor cores, as
-  FlashAttention-3 schedules its two softmax warpgroups: a barrier both
-  arrive at twice a step (after issuing S = Q K^T; after the sigmoid,
-  before P V), with warpgroup 1 one arrival ahead, so one warpgroup's
-  sigmoid runs under the other's matmuls. Skipped steps arrive too, so
-  both warpgroups arrive equally often."""
+  pingpong: the two compute warpgroups take turns on the tensor cores
+  (`common.Turns`: after issuing S = Q K^T, and after the sigmoid, before
+  P V)."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -201,29 +199,23 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
                                   minimum=jnp.minimum)
 
   def sigmoid_forward(q_ref, k_ref, v_ref, bias_ref, o_ref, q_smem2,
-                      o_smem2, bars, turns, *maybe_p):
+                      o_smem2, bars, turns_bar, *maybe_p):
     wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = _cta(
         "q", group, jnp_range)
     q0 = qt * bq
     q_smem = q_smem2.at[wg]
     p_smem = maybe_p[0].at[wg] if maybe_p else None
     rows = pl.ds(q0, bq)
-
-    def turn():   # pingpong: wait until the other warpgroup arrives too
-      if pingpong:
-        plgpu.barrier_arrive(turns)
-        plgpu.barrier_wait(turns)
+    turns = common.Turns(turns_bar, wg)
 
     def compute(pipeline):
       plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[wg])
       b2 = _bias_rows(bias_ref, hh) * _LOG2E
       plgpu.barrier_wait(bars.at[wg])
-      if pingpong:
-        pl.when(wg == 1)(turn)      # warpgroup 1 runs one arrival ahead
+      turns.begin()
       acc, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA), b2))
-      if pingpong:
-        pl.when(wg == 0)(turn)      # ... which warpgroup 0 makes up here
+      turns.end()
       o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]
       o_smem[...] = acc.astype(dtype)   # (Q is read no more)
       plgpu.commit_smem()
@@ -237,30 +229,22 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
         acc, b2 = carry
         def qk(r):
           plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0)))
-          turn()
+          turns.turn()
         (s,) = _products(qk, [(bq, bk)])
         p = _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * bk, tk=tk, left=left, right=right, keys_on_rows=False,
             shape=(bq, bk)), 0.0)
         p16 = _a_operand(p.astype(dtype), p_smem)
-        turn()
+        turns.turn()
         (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
                                    (acc,), interp)
         return acc, b2
 
-      def skip(carry):
-        turn()
-        turn()
-        return carry
-
       valid = (kt >= own_start) & (kt < own_end)
       interior = _interior(q0, kt * bk, tk=tk, left=left, right=right,
                            bq=bq, bk=bk)
-      if not pingpong:
-        return _skip_or(valid, interior, step, carry)
-      return lax.cond(valid, functools.partial(step, interior=interior),
-                      skip, carry)
+      return turns.skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -276,7 +260,7 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
              None if d == dv else plgpu.SMEM((_WGS, bq, dv), dtype,
                                              transforms=_TILED),   # o
              plgpu.Barrier(num_barriers=_WGS),
-             plgpu.Barrier(num_arrivals=_WGS) if pingpong else None]
+             common.Turns.scratch(pingpong)]
   if interp is not None:
     scratch.append(plgpu.SMEM((_WGS, bq, bk), dtype, transforms=_TILED))
   return plgpu.kernel(
@@ -290,10 +274,11 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
 
 
 def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
-                 interpret):
+                 interpret, pingpong=False):
   """(dq [B, Tqp, H, D] q.dtype, row sums of dS [B, H, Tqp] float32): two
   compute warpgroups per CTA (a 64-row query tile each) share [64, D] key
-  and value tiles streamed by a third."""
+  and value tiles streamed by a third. pingpong: `common.Turns` (after
+  issuing S and dP, and before dq's matmul)."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -306,9 +291,10 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
                                   minimum=jnp.minimum)
 
   def sigmoid_dq(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dsum_ref,
-                 q_smem2, do_smem2, dsum_smem2, bars, *maybe_ds):
+                 q_smem2, do_smem2, dsum_smem2, bars, turns_bar, *maybe_ds):
     wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = _cta(
         "q", group, jnp_range)
+    turns = common.Turns(turns_bar, wg)
     q0 = qt * _BLOCK
     q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
     ds_smem = maybe_ds[0].at[wg] if maybe_ds else None
@@ -318,9 +304,11 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
       b2 = _own_tiles(((q_ref.at[bb, rows, hh], q_smem),
                        (do_ref.at[bb, rows, hh], do_smem)), bars, wg,
                       bias_ref, hh)
+      turns.begin()
       dq, dsum, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((_BLOCK,), jnp.float32), _ROWS), b2))
+      turns.end()
       q_smem[...] = (dq * float(scale)).astype(dtype)   # Q is read no more
       dsum_smem2.at[wg][...] = dsum
       plgpu.commit_smem()
@@ -336,6 +324,7 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
         def mma(s_ref, dp_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
+          turns.turn()
         s, dp = _products(mma, [(_BLOCK, _BLOCK)] * 2)
         p = _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
         p = _edge_mask(p, interior, lambda: _visible(
@@ -343,13 +332,14 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
             keys_on_rows=False), 0.0)
         ds = p * (1.0 - p) * dp
         ds16 = _a_operand(ds.astype(dtype), ds_smem)
+        turns.turn()
         (dq_acc,) = common.accumulate(
             lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
         return dq_acc, dsum + ds.sum(axis=1), b2
 
       valid = (kt >= own_start) & (kt < own_end)
       interior = _interior(q0, kt * _BLOCK, tk=tk, left=left, right=right)
-      return _skip_or(valid, interior, step, carry)
+      return turns.skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -364,7 +354,8 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
   scratch = [plgpu.SMEM((_WGS, _BLOCK, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, _BLOCK, dv), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, _BLOCK), jnp.float32),
-             plgpu.Barrier(num_barriers=2 * _WGS)]
+             plgpu.Barrier(num_barriers=2 * _WGS),
+             common.Turns.scratch(pingpong)]
   if interp is not None:
     scratch.append(plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
                               transforms=_TILED))
@@ -380,9 +371,10 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
 
 
 def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
-                  interpret):
+                  interpret, pingpong=False):
   """(dk [B, Tkp, H, D], dv [B, Tkp, H, V]) per QUERY head, in q.dtype when
-  H == Hkv else float32."""
+  H == Hkv else float32. pingpong: `common.Turns` (after issuing S^T and
+  dP^T, and before dv's and dk's matmuls)."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -396,9 +388,10 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
                                   minimum=jnp.minimum)
 
   def sigmoid_dkv(q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref,
-                  k_smem2, v_smem2, out_smem2, bars, *maybe_a):
+                  k_smem2, v_smem2, out_smem2, bars, turns_bar, *maybe_a):
     wg, hh, kvh, bb, kt, start, cta_end, own_start, own_end = _cta(
         "kv", group, jnp_range)
+    turns = common.Turns(turns_bar, wg)
     k0 = kt * _BLOCK
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
     pt_smem, dst_smem = ((maybe_a[0].at[wg], maybe_a[1].at[wg])
@@ -409,10 +402,12 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
       b2 = _own_tiles(((k_ref.at[bb, keys, kvh], k_smem),
                        (v_ref.at[bb, keys, kvh], v_smem)), bars, wg,
                       bias_ref, hh)
+      turns.begin()
       dk, dv_, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((_BLOCK, dv), jnp.float32), _WGMMA),
            b2))
+      turns.end()
       common.store_dkv(
           (dk * float(scale)).astype(out_dtype), dv_.astype(out_dtype),
           dk_ref.at[bb, keys, hh], dv_ref.at[bb, keys, hh], k_smem=k_smem,
@@ -426,6 +421,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
         def mma(st_ref, dpt_ref):
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+          turns.turn()
         st, dpt = _products(mma, [(_BLOCK, _BLOCK)] * 2)   # [keys, queries]
         pt = _sigmoid(st * c + _bcast(b2, st.shape, 0), interp)
         pt = _edge_mask(pt, interior, lambda: _visible(
@@ -434,6 +430,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
         dst = pt * (1.0 - pt) * dpt
         pt16 = _a_operand(pt.astype(dtype), pt_smem)
         dst16 = _a_operand(dst.astype(dtype), dst_smem)
+        turns.turn()
         def acc(dk_ref, dv_ref):
           plgpu.wgmma(dv_ref, pt16, do_smem)
           plgpu.wgmma(dk_ref, dst16, q_smem)
@@ -442,7 +439,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
 
       valid = (qt >= own_start) & (qt < own_end)
       interior = _interior(qt * _BLOCK, k0, tk=tk, left=left, right=right)
-      return _skip_or(valid, interior, step, carry)
+      return turns.skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_q - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -457,7 +454,8 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
   scratch = [plgpu.SMEM((_WGS, _BLOCK, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, _BLOCK, dv), dtype, transforms=_TILED),
              common.dkv_staging(group, _WGS, _BLOCK, d, dv),
-             plgpu.Barrier(num_barriers=2 * _WGS)]
+             plgpu.Barrier(num_barriers=2 * _WGS),
+             common.Turns.scratch(pingpong)]
   if interp is not None:
     scratch += [plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
                            transforms=_TILED)] * 2
@@ -490,11 +488,10 @@ def _attention_fwd(q, k, v, bias, tq, tk, left, right, scale, pingpong,
 
 
 def _attention_bwd(tq, tk, left, right, scale, pingpong, interpret, res, do):
-  del pingpong   # a forward option
   q, k, v, bias = res
   do = do.astype(q.dtype)
   kw = dict(tq=tq, tk=tk, left=left, right=right, scale=scale,
-            interpret=interpret)
+            interpret=interpret, pingpong=pingpong)
   dq, dsum = _backward_dq(q, k, v, bias, do, **kw)
   dk, dv = _backward_dkv(q, k, v, bias, do, **kw)
   h, hkv = q.shape[2], k.shape[2]
@@ -557,8 +554,8 @@ def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
     scale: Python float multiplying q . k.
     interpret: False, True (`plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
-    pingpong: the forward's two compute warpgroups take turns on the tensor
-      cores (`_forward`). Off by default: not yet timed on a GPU.
+    pingpong: each kernel's two compute warpgroups take turns on the
+      tensor cores (`common.Turns`). Off by default: not yet timed on a GPU.
 
   Returns:
     [B, Tq, H, V] in q.dtype.

@@ -213,25 +213,27 @@ def test_interpret_never_touches_tiles_outside_range():
   assert np.isnan(np.asarray(o[:, 64:192], np.float32)).any()
 
 
-def _window10_grads(seed, poison, backward):
+def _window10_grads(seed, poison, backward, pingpong=False):
   """(kernel's, oracle's) dq, dk, dv for causal window 10, T = 512; the
   kernel's q, k, v first pass through poison(q, k, v)."""
   kw = dict(left=10, right=0, scale=0.125)
   q, k, v, w = _inputs(512, 2, 1, 64, jnp.bfloat16, seed=seed)
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, **kw, interpret=True, backward=backward)
+      q, k, v, **kw, interpret=True, backward=backward, pingpong=pingpong)
   ref = lambda q, k, v: oracle(q, k, v, **kw)
   return _grads(fn, *poison(q, k, v), w), _grads(ref, q, k, v, w)
 
 
-@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
-def test_interpret_dkv_skips_the_other_warpgroups_tiles(backward):
+@pytest.mark.parametrize("backward,pingpong", [
+    ("split", False), ("fused", False), ("split", True)])
+def test_interpret_dkv_skips_the_other_warpgroups_tiles(backward, pingpong):
   # Causal window 10, T = 512: the dk/dv CTA of key tiles 0 and 1 streams
   # query tiles 0..2; key tile 0's warpgroup reaches only 0 and 1 and must
   # skip tile 2. NaN queries in tile 2 (rows 128..191) then leave dk, dv of
   # keys 0..63 exact, while keys 64..191 (which those queries see) get NaN.
   (_, dk, dv), (_, dk_ref, dv_ref) = _window10_grads(
-      7, lambda q, k, v: (q.at[:, 128:192].set(jnp.nan), k, v), backward)
+      7, lambda q, k, v: (q.at[:, 128:192].set(jnp.nan), k, v), backward,
+      pingpong)
   for name, g, g_ref in (("dk", dk, dk_ref), ("dv", dv, dv_ref)):
     _check_close(g[:, :64], g_ref[:, :64], f"{name}[:64]")
     assert np.isnan(np.asarray(g[:, 64:192], np.float32)).any(), name
@@ -275,6 +277,24 @@ def test_interpret_fused_backward_equals_split():
   _check_close(dq_f, _grads(ref, q, k, v, w)[0], "dq")
 
 
+@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
+def test_interpret_pingpong_equals_default(backward):
+  # Taking turns (a barrier twice a step in the dk/dv kernel, skipped steps
+  # included) changes when the warpgroups compute, not what: the gradients
+  # are bitwise those without it. Causal window 401 on T = 700 with GQA:
+  # the CTAs' warpgroups have different ranges, so some steps are skipped
+  # by one warpgroup only. A miscounted arrival deadlocks, which the
+  # timeout of setup.cfg turns into a failure.
+  t, h, hkv, d, left = 700, 4, 2, 64, 400
+  q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, seed=11)
+  grads = [_grads(lambda q, k, v, p=p: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=0, scale=0.125, interpret=True,
+      backward=backward, pingpong=p), q, k, v, w) for p in (False, True)]
+  for name, a, b in zip(("dq", "dk", "dv"), *grads):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32), err_msg=name)
+
+
 def test_interpret_tiny_t():
   # T = 5 < one block: 59 padded keys masked, 59 padded queries sliced off.
   q, k, v, _ = _inputs(5, 4, 2, 64, jnp.bfloat16, seed=3)
@@ -305,11 +325,13 @@ def test_forward_lowers_for_cuda(left):
   assert out.shape == (2, t, 4, 128) and out.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("left", [511, 4095])
-def test_backward_lowers_for_cuda(left):
+@pytest.mark.parametrize("left,pingpong", [(511, False), (4095, False),
+                                           (511, True)])
+def test_backward_lowers_for_cuda(left, pingpong):
   t = 16384
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=128 ** -0.5, backward="split")
+      q, k, v, left=left, right=0, scale=128 ** -0.5, backward="split",
+      pingpong=pingpong)
   grad = lambda q, k, v: jax.grad(
       lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
           q, k, v)
@@ -322,13 +344,16 @@ def test_backward_lowers_for_cuda(left):
   assert dk.shape == dv.shape == (2, t, 2, 128)
 
 
-@pytest.mark.parametrize("h,hkv,d", [(4, 2, 128), (2, 2, 64)])
-def test_fused_backward_lowers_for_cuda(h, hkv, d):
+@pytest.mark.parametrize("h,hkv,d,pingpong", [(4, 2, 128, False),
+                                              (2, 2, 64, False),
+                                              (4, 2, 128, True)])
+def test_fused_backward_lowers_for_cuda(h, hkv, d, pingpong):
   # One kernel for the backward (its float32 dq staging, K, V, dS and two
   # pipeline slots fit the SMEM limit); dq comes back in bf16.
   t = 16384
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=2047, right=0, scale=0.1, backward="fused")
+      q, k, v, left=2047, right=0, scale=0.1, backward="fused",
+      pingpong=pingpong)
   grad = lambda q, k, v: jax.grad(
       lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
           q, k, v)
@@ -376,7 +401,8 @@ def test_lowers_mha_t_not_multiple_of_block():
     ("v_dim", "V=32"), ("groups", "H=3"), ("k_shape", "k.shape"),
     ("mixed", "dtypes differ"), ("left", "left=-1"),
     ("block", "block_q=128"), ("unknown", "block_foo"),
-    ("backward", "backward='both'"), ("fused_gqa_dv", "backward='fused'")])
+    ("backward", "backward='both'"), ("fused_gqa_dv", "backward='fused'"),
+    ("pingpong", "pingpong=1")])
 def test_rejects_bad_inputs(case, match):
   t, h, hkv, d, dv, dtype = 128, 4, 2, 64, 64, jnp.bfloat16
   kw = dict(left=3, right=0, scale=0.125)
@@ -398,6 +424,8 @@ def test_rejects_bad_inputs(case, match):
     kw["backward"] = "both"
   elif case == "fused_gqa_dv":
     kw["backward"], dv = "fused", 128
+  elif case == "pingpong":
+    kw["pingpong"] = 1
   q = jnp.zeros((1, t, h, d), dtype)
   k = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, d), dtype)
   v = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, dv),
@@ -418,13 +446,15 @@ def test_supports():
 
 @gpu_only
 @pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
+@pytest.mark.parametrize("pingpong", [False, True])
 @pytest.mark.parametrize("left", [127, 511])
-def test_gpu_matches_oracle(left, backward):
+def test_gpu_matches_oracle(left, backward, pingpong):
   t, h, hkv, d = 2048, 4, 2, 128
   scale = d ** -0.5
   q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, b=2)
   fn = jax.jit(lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=scale, backward=backward))
+      q, k, v, left=left, right=0, scale=scale, backward=backward,
+      pingpong=pingpong))
   ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=scale)
   o = fn(q, k, v)
   assert o.shape == (2, t, h, d) and o.dtype == jnp.bfloat16
