@@ -12,9 +12,9 @@ two yardsticks that compute softmax attention of the same q/k/v shapes with the
 same causal flag and window: "cudnn_softmax" (jax.nn.dot_product_attention with
 implementation="cudnn"; GPU only) and "xla_softmax" (the same with "xla").
 Kernel options: for sliding_window_attention "mosaic_gpu_fused_bwd" (the
-Hopper kernel with `backward="fused"`), for sliding_window_attention and
-sigmoid_attention "mosaic_gpu_pingpong" (the Hopper kernel with
-`pingpong=True`).
+Hopper kernel with `backward="fused"`) and "mosaic_gpu_pingpong" (with
+`pingpong=True`); for sigmoid_attention "mosaic_gpu_no_pingpong" (the Hopper
+kernel with its default `pingpong=True` turned off).
 
 Examples:
   # CPU smoke test
@@ -54,20 +54,20 @@ OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
 YARDSTICKS = ("cudnn_softmax", "xla_softmax")
 # Kernel options not exposed by the ops, timed by calling the kernel module
 # directly: sliding_window_attention's mosaic_gpu kernel with
-# backward="fused" (one dk/dv/dq kernel; BENCHMARKS.md section 4h), and the
-# sliding-window and sigmoid mosaic_gpu kernels with pingpong=True (two
-# compute warpgroups taking turns on the tensor cores).
+# backward="fused" (one dk/dv/dq kernel; BENCHMARKS.md section 4h) or
+# pingpong=True (two compute warpgroups taking turns on the tensor cores), and
+# sigmoid_attention's mosaic_gpu kernel with its default pingpong=True off.
 SWA_FUSED_BWD = "mosaic_gpu_fused_bwd"
 PINGPONG = "mosaic_gpu_pingpong"
+NO_PINGPONG = "mosaic_gpu_no_pingpong"
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
     "implementation", ["xla"],
     "Implementations to time, in order; ratios are against the first. An op "
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
-    f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD} "
-    f"(sliding_window_attention), {PINGPONG} (sliding_window_attention, "
-    "sigmoid_attention).")
+    f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {PINGPONG} "
+    f"(sliding_window_attention), {NO_PINGPONG} (sigmoid_attention).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -215,14 +215,14 @@ def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
             implementation=implementation, interpret=interpret)
     elif op == "sigmoid_attention":
       def call(q, k, v, implementation=None, interpret=False):
-        if implementation == PINGPONG:  # the op's defaults, kernel option on
+        if implementation == NO_PINGPONG:  # the op's defaults, option off
           left, right = window if window is not None else (None, None)
           if causal:
             right = 0
           bias = jnp.full((h,), -math.log(t), jnp.float32)
           return sigmoid_mosaic_gpu.sigmoid_attention(
               q, k, v, bias, left=left, right=right, scale=d ** -0.5,
-              interpret=interpret, pingpong=True)
+              interpret=interpret, pingpong=False)
         return al.sigmoid_attention(
             q, k, v, is_causal=causal, local_window_size=window,
             implementation=implementation, interpret=interpret)

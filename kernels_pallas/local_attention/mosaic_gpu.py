@@ -65,7 +65,7 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     default.
   Option `pingpong=True`: the dk/dv kernel's two compute warpgroups take
     turns on the tensor cores (FlashAttention-3's schedule, `common.Turns`);
-    not yet timed on a GPU, so off by default.
+    no gain on the H200 (BENCHMARKS.md section 4i), so off by default.
 
 Masked scores are a large finite negative (not -inf), so a row whose first
 tiles are all masked never takes inf - inf; its junk sums are scaled by
@@ -652,7 +652,8 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
       by TMA reduce-add; D == V or H == Hkv; slower on the H200 so far,
       BENCHMARKS.md section 4h).
     pingpong: the dk/dv kernel's two compute warpgroups take turns on the
-      tensor cores (`common.Turns`). Off by default: not yet timed on a GPU.
+      tensor cores (`common.Turns`). Off by default: no gain on the H200
+      (BENCHMARKS.md section 4i).
     **block_sizes: block_q, block_kv; only 64 is supported.
 
   Returns:

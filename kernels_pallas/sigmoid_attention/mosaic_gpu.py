@@ -51,9 +51,11 @@ input dtype before their matmuls:
     warpgroup) and a third warpgroup streams Q and dO over the union of
     their query-tile ranges; dk/dv per QUERY head, summed over each GQA group
     in XLA (float32).
-Option `pingpong=True`: in each kernel the two compute warpgroups take turns
-on the tensor cores (FlashAttention-3's schedule, `common.Turns`); not yet
-timed on a GPU, so off by default.
+Ping-pong (`pingpong=True`, the default): in the forward the two compute
+warpgroups take turns on the tensor cores (FlashAttention-3's schedule,
+`common.Turns`), so one's sigmoid runs under the other's matmuls: 1.02-1.18x
+on the H200 (BENCHMARKS.md section 5d). The same schedule in the dq and dk/dv
+kernels made forward + backward 0.97-1.04x, so the backward does without.
 p = 1 / (1 + 2^-x) with x = (s + b) log2(e), the reciprocal an approximate
 `rcp` instruction (1 ulp; an IEEE division costs several instructions).
 
@@ -177,7 +179,7 @@ _BLOCK_K_FWD = 128   # key tile of the forward
 
 
 def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
-             pingpong=False):
+             pingpong=True):
   """q [B, Tqp, H, D], k [B, Tkp, Hkv, D] (padded) -> o [B, Tqp, H, V]: two
   compute warpgroups per CTA (64 query rows each) share [128, D] key tiles
   streamed by a third.
@@ -274,11 +276,10 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
 
 
 def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
-                 interpret, pingpong=False):
+                 interpret):
   """(dq [B, Tqp, H, D] q.dtype, row sums of dS [B, H, Tqp] float32): two
   compute warpgroups per CTA (a 64-row query tile each) share [64, D] key
-  and value tiles streamed by a third. pingpong: `common.Turns` (after
-  issuing S and dP, and before dq's matmul)."""
+  and value tiles streamed by a third."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -291,10 +292,9 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
                                   minimum=jnp.minimum)
 
   def sigmoid_dq(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dsum_ref,
-                 q_smem2, do_smem2, dsum_smem2, bars, turns_bar, *maybe_ds):
+                 q_smem2, do_smem2, dsum_smem2, bars, *maybe_ds):
     wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = _cta(
         "q", group, jnp_range)
-    turns = common.Turns(turns_bar, wg)
     q0 = qt * _BLOCK
     q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
     ds_smem = maybe_ds[0].at[wg] if maybe_ds else None
@@ -304,11 +304,9 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
       b2 = _own_tiles(((q_ref.at[bb, rows, hh], q_smem),
                        (do_ref.at[bb, rows, hh], do_smem)), bars, wg,
                       bias_ref, hh)
-      turns.begin()
       dq, dsum, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((_BLOCK,), jnp.float32), _ROWS), b2))
-      turns.end()
       q_smem[...] = (dq * float(scale)).astype(dtype)   # Q is read no more
       dsum_smem2.at[wg][...] = dsum
       plgpu.commit_smem()
@@ -324,7 +322,6 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
         def mma(s_ref, dp_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
-          turns.turn()
         s, dp = _products(mma, [(_BLOCK, _BLOCK)] * 2)
         p = _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
         p = _edge_mask(p, interior, lambda: _visible(
@@ -332,14 +329,13 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
             keys_on_rows=False), 0.0)
         ds = p * (1.0 - p) * dp
         ds16 = _a_operand(ds.astype(dtype), ds_smem)
-        turns.turn()
         (dq_acc,) = common.accumulate(
             lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
         return dq_acc, dsum + ds.sum(axis=1), b2
 
       valid = (kt >= own_start) & (kt < own_end)
       interior = _interior(q0, kt * _BLOCK, tk=tk, left=left, right=right)
-      return turns.skip_or(valid, interior, step, carry)
+      return _skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -354,8 +350,7 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
   scratch = [plgpu.SMEM((_WGS, _BLOCK, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, _BLOCK, dv), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, _BLOCK), jnp.float32),
-             plgpu.Barrier(num_barriers=2 * _WGS),
-             common.Turns.scratch(pingpong)]
+             plgpu.Barrier(num_barriers=2 * _WGS)]
   if interp is not None:
     scratch.append(plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
                               transforms=_TILED))
@@ -371,10 +366,9 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
 
 
 def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
-                  interpret, pingpong=False):
+                  interpret):
   """(dk [B, Tkp, H, D], dv [B, Tkp, H, V]) per QUERY head, in q.dtype when
-  H == Hkv else float32. pingpong: `common.Turns` (after issuing S^T and
-  dP^T, and before dv's and dk's matmuls)."""
+  H == Hkv else float32."""
   b, tqp, h, d = q.shape
   tkp, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
   group = h // hkv
@@ -388,10 +382,9 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
                                   minimum=jnp.minimum)
 
   def sigmoid_dkv(q_ref, k_ref, v_ref, bias_ref, do_ref, dk_ref, dv_ref,
-                  k_smem2, v_smem2, out_smem2, bars, turns_bar, *maybe_a):
+                  k_smem2, v_smem2, out_smem2, bars, *maybe_a):
     wg, hh, kvh, bb, kt, start, cta_end, own_start, own_end = _cta(
         "kv", group, jnp_range)
-    turns = common.Turns(turns_bar, wg)
     k0 = kt * _BLOCK
     k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
     pt_smem, dst_smem = ((maybe_a[0].at[wg], maybe_a[1].at[wg])
@@ -402,12 +395,10 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
       b2 = _own_tiles(((k_ref.at[bb, keys, kvh], k_smem),
                        (v_ref.at[bb, keys, kvh], v_smem)), bars, wg,
                       bias_ref, hh)
-      turns.begin()
       dk, dv_, _ = pipeline(
           (plgpu.layout_cast(jnp.zeros((_BLOCK, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((_BLOCK, dv), jnp.float32), _WGMMA),
            b2))
-      turns.end()
       common.store_dkv(
           (dk * float(scale)).astype(out_dtype), dv_.astype(out_dtype),
           dk_ref.at[bb, keys, hh], dv_ref.at[bb, keys, hh], k_smem=k_smem,
@@ -421,7 +412,6 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
         def mma(st_ref, dpt_ref):
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
-          turns.turn()
         st, dpt = _products(mma, [(_BLOCK, _BLOCK)] * 2)   # [keys, queries]
         pt = _sigmoid(st * c + _bcast(b2, st.shape, 0), interp)
         pt = _edge_mask(pt, interior, lambda: _visible(
@@ -430,7 +420,6 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
         dst = pt * (1.0 - pt) * dpt
         pt16 = _a_operand(pt.astype(dtype), pt_smem)
         dst16 = _a_operand(dst.astype(dtype), dst_smem)
-        turns.turn()
         def acc(dk_ref, dv_ref):
           plgpu.wgmma(dv_ref, pt16, do_smem)
           plgpu.wgmma(dk_ref, dst16, q_smem)
@@ -439,7 +428,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
 
       valid = (qt >= own_start) & (qt < own_end)
       interior = _interior(qt * _BLOCK, k0, tk=tk, left=left, right=right)
-      return turns.skip_or(valid, interior, step, carry)
+      return _skip_or(valid, interior, step, carry)
 
     clamp = lambda i: (jnp.minimum(start + i, n_q - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
@@ -454,8 +443,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
   scratch = [plgpu.SMEM((_WGS, _BLOCK, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, _BLOCK, dv), dtype, transforms=_TILED),
              common.dkv_staging(group, _WGS, _BLOCK, d, dv),
-             plgpu.Barrier(num_barriers=2 * _WGS),
-             common.Turns.scratch(pingpong)]
+             plgpu.Barrier(num_barriers=2 * _WGS)]
   if interp is not None:
     scratch += [plgpu.SMEM((_WGS, _BLOCK, _BLOCK), dtype,
                            transforms=_TILED)] * 2
@@ -491,7 +479,7 @@ def _attention_bwd(tq, tk, left, right, scale, pingpong, interpret, res, do):
   q, k, v, bias = res
   do = do.astype(q.dtype)
   kw = dict(tq=tq, tk=tk, left=left, right=right, scale=scale,
-            interpret=interpret, pingpong=pingpong)
+            interpret=interpret)
   dq, dsum = _backward_dq(q, k, v, bias, do, **kw)
   dk, dv = _backward_dkv(q, k, v, bias, do, **kw)
   h, hkv = q.shape[2], k.shape[2]
@@ -542,7 +530,7 @@ def _check(q, k, v, bias, left, right):
 
 
 def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
-                      interpret=False, pingpong=False) -> jax.Array:
+                      interpret=False, pingpong=True) -> jax.Array:
   """Sigmoid attention (module docstring) on Hopper, differentiable in q, k,
   v and bias.
 
@@ -554,8 +542,9 @@ def sigmoid_attention(q, k, v, bias, *, left, right, scale: float,
     scale: Python float multiplying q . k.
     interpret: False, True (`plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
-    pingpong: each kernel's two compute warpgroups take turns on the
-      tensor cores (`common.Turns`). Off by default: not yet timed on a GPU.
+    pingpong: the forward kernel's two compute warpgroups take turns on the
+      tensor cores (`common.Turns`; module docstring). On by default;
+      False is for comparison.
 
   Returns:
     [B, Tq, H, V] in q.dtype.
