@@ -54,6 +54,14 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
 
   forward: per query tile, the online softmax over its key tiles (base 2:
     m, l and the saved lse are in units of log2); o and lse via TMA stores.
+    Two kernels (`forward=`): "single", the one-warpgroup CTA above, and
+    "warp_specialized" (`_forward_ws`), where a CTA holds two query tiles
+    (one per compute warpgroup), a TMA warpgroup streams [128, D] key and
+    value tiles over the union of their ranges, and the two compute
+    warpgroups take turns on the tensor cores (ping-pong, `common.Turns`)
+    so one's softmax runs under the other's matmuls. Its 128-key tiles
+    visit more masked keys at narrow windows; "auto" (the default) picks it
+    for windows left + right + 1 >= _WS_MIN_WIDTH.
   dq:      per query tile, over the same key tiles: p from lse, dp = dO V^T;
     first delta = rowsum(dO * o) of its tile, an output for dk/dv.
   dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
@@ -167,6 +175,19 @@ _skip_or, _edge_mask = common.skip_or, common.edge_mask
 # ---------------------------------------------------------------- forward ---
 
 
+def _online_softmax(s, m, l, acc, interior, visible):
+  """One key tile of the online softmax: s [bq, bk] scores in log2 units,
+  masked where not visible() unless `interior`; the running row max m and
+  sum l [bq] and the output accumulator acc [bq, V] -> (m, l, acc rescaled
+  to the new max, p [bq, bk] float32)."""
+  s = _edge_mask(s, interior, visible, _MASK)
+  m_new = jnp.maximum(m, s.max(axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
+  l = l * alpha + p.sum(axis=1)
+  return m_new, l, acc * _bcast(alpha, acc.shape, 0), p
+
+
 def _forward(q, k, v, *, t, left, right, scale, interpret):
   """q [B, Tp, H, D] (Tp % 128 == 0) -> (o [B, Tp, H, V] q.dtype,
   lse [B, H, Tp] float32 in log2 units of the scaled scores)."""
@@ -201,19 +222,14 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
         (s,) = _products(
             lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
             [(bq, bk)])
-        s = s * c                                          # [bq, bk] log2
-        s = _edge_mask(s, interior, lambda: _visible(
-            q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-            keys_on_rows=False), _MASK)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - _bcast(m_new, (bq, bk), 0))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * _bcast(alpha, (bq, dv), 0)
+        m, l, acc, p = _online_softmax(
+            s * c, m, l, acc, interior, lambda: _visible(
+                q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+                keys_on_rows=False))
         p16 = _a_operand(p.astype(dtype), p_smem)
         (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
                                    (acc,), interp)
-        return m_new, l, acc
+        return m, l, acc
 
       interior = _interior(q0, kt * bk, t=t, left=left, right=right,
                            block_q=bq, block_kv=bk)
@@ -250,6 +266,113 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
       out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
       grid=(n, h, b), grid_names=("q", "heads", "batch"),
+      scratch_types=tuple(scratch), compiler_params=_PARAMS,
+      interpret=interp,
+  )(q, k, v)
+
+
+_BLOCK_K_WS = 128   # key tile of the warp-specialized forward
+
+
+def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
+  """`_forward`'s result from a warp-specialized kernel: a CTA holds two
+  64-row query tiles (one per compute warpgroup) and a third warpgroup
+  streams [128, D] key and value tiles over the union of their ranges (each
+  compute warpgroup skips the tiles outside its own); the same online
+  softmax per step. pingpong: the two compute warpgroups take turns on the
+  tensor cores (`common.Turns`: after issuing S = Q K^T, and before P V),
+  so one's softmax runs under the other's matmuls."""
+  b, tp, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = h // hkv
+  bq, bk = _BLOCK, _BLOCK_K_WS
+  n_k = tp // bk
+  dtype = q.dtype
+  c = float(scale) * _LOG2E
+  kw = dict(t=t, back=left, ahead=right, block_src=bq, block_dst=bk)
+  steps = _cta_steps(tp // bq // _WGS, **kw)
+  interp = common.interpret_params(interpret)
+  jnp_range = lambda tile: tile_range(tile, **kw, maximum=jnp.maximum,
+                                      minimum=jnp.minimum)
+
+  def swa_forward_ws(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, o_smem2,
+                     lse_smem2, bars, turns_bar, *maybe_p):
+    ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
+    wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
+    kvh = lax.div(hh, jnp.array(group, hh.dtype))
+    start, _ = jnp_range(_WGS * ct)  # the CTA's first key tile
+    qt = _WGS * ct + wg              # this warpgroup's query tile
+    q0 = qt * bq
+    own_start, own_end = jnp_range(qt)
+    q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+    p_smem = maybe_p[0].at[wg] if maybe_p else None
+    rows = pl.ds(q0, bq)
+    turns = common.Turns(turns_bar, wg)
+
+    def compute(pipeline):   # per compute warpgroup, around its steps
+      plgpu.copy_gmem_to_smem(q_ref.at[bb, rows, hh], q_smem, bars.at[wg])
+      plgpu.barrier_wait(bars.at[wg])
+      turns.begin()
+      m, l, acc = pipeline((
+          plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROWS),
+          plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROWS),
+          plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA)))
+      turns.end()
+      o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]
+      o_smem[...] = (acc / _bcast(l, (bq, dv), 0)).astype(dtype)  # Q done
+      lse_smem[...] = m + jnp.log(l) * _LOG2E
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, rows, hh])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bb, hh, rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(idx, k_smem, v_smem, carry):
+      kt = start + idx[0]
+
+      def step(carry, interior):
+        m, l, acc = carry
+        def qk(r):
+          plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0)))
+          turns.turn()
+        (s,) = _products(qk, [(bq, bk)])
+        m, l, acc, p = _online_softmax(
+            s * c, m, l, acc, interior, lambda: _visible(
+                q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+                keys_on_rows=False))
+        p16 = _a_operand(p.astype(dtype), p_smem)
+        turns.turn()
+        (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
+                                   (acc,), interp)
+        return m, l, acc
+
+      valid = (kt >= own_start) & (kt < own_end)
+      interior = _interior(q0, kt * bk, t=t, left=left, right=right,
+                           block_q=bq, block_kv=bk)
+      return turns.skip_or(valid, interior, step, carry)
+
+    clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(steps,), memory_registers=_MEMORY_REGS,
+        in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
+                  plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
+        max_concurrent_steps=max(1, min(2, steps)), num_compute_wgs=_WGS,
+        wg_axis="wg", compute_context=compute)
+    pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+
+  scratch = [plgpu.SMEM((_WGS, bq, d), dtype, transforms=_TILED),
+             None if d == dv else plgpu.SMEM((_WGS, bq, dv), dtype,
+                                             transforms=_TILED),   # o
+             plgpu.SMEM((_WGS, bq), jnp.float32),
+             plgpu.Barrier(num_barriers=_WGS),
+             common.Turns.scratch(pingpong)]
+  if interp is not None:
+    scratch.append(plgpu.SMEM((_WGS, bq, bk), dtype, transforms=_TILED))
+  return plgpu.kernel(
+      swa_forward_ws,
+      out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
+                jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
+      grid=(tp // bq // _WGS, h, b), grid_names=("q", "heads", "batch"),
+      num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v)
@@ -552,26 +675,40 @@ def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
 
 
 BACKWARDS = ("split", "fused")   # the first is the default
+# "auto" picks "warp_specialized" for windows (left + right + 1) of at least
+# _WS_MIN_WIDTH keys, "single" (one warpgroup per CTA) below.
+FORWARDS = ("auto", "single", "warp_specialized")
+_WS_MIN_WIDTH = 1024
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
-def _attention(q, k, v, t, left, right, scale, backward, pingpong,
+def _forward_kernel(forward, left, right):
+  """The forward kernel function that `forward` (in FORWARDS) names."""
+  if forward == "auto":
+    forward = ("warp_specialized" if left + right + 1 >= _WS_MIN_WIDTH
+               else "single")
+  return _forward_ws if forward == "warp_specialized" else _forward
+
+
+@functools.partial(jax.custom_vjp,
+                   nondiff_argnums=(3, 4, 5, 6, 7, 8, 9, 10))
+def _attention(q, k, v, t, left, right, scale, forward, backward, pingpong,
                interpret):
   """On T-padded arrays ([B, Tp, *, *], Tp % 128 == 0); t is the real T."""
-  o, _ = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
-                  interpret=interpret)
+  o, _ = _forward_kernel(forward, left, right)(
+      q, k, v, t=t, left=left, right=right, scale=scale, interpret=interpret)
   return o
 
 
-def _attention_fwd(q, k, v, t, left, right, scale, backward, pingpong,
-                   interpret):
-  o, lse = _forward(q, k, v, t=t, left=left, right=right, scale=scale,
-                    interpret=interpret)
+def _attention_fwd(q, k, v, t, left, right, scale, forward, backward,
+                   pingpong, interpret):
+  o, lse = _forward_kernel(forward, left, right)(
+      q, k, v, t=t, left=left, right=right, scale=scale, interpret=interpret)
   return o, (q, k, v, o, lse)
 
 
-def _attention_bwd(t, left, right, scale, backward, pingpong, interpret, res,
-                   do):
+def _attention_bwd(t, left, right, scale, forward, backward, pingpong,
+                   interpret, res, do):
+  del forward
   q, k, v, o, lse = res
   do = do.astype(q.dtype)
   kw = dict(t=t, left=left, right=right, scale=scale, interpret=interpret)
@@ -637,8 +774,9 @@ def _check(q, k, v, left, right, block_sizes):
 
 
 def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
-                             interpret=False, backward="split",
-                             pingpong=False, **block_sizes) -> jax.Array:
+                             interpret=False, forward="auto",
+                             backward="split", pingpong=False,
+                             **block_sizes) -> jax.Array:
   """Sliding-window attention (module docstring) on Hopper, differentiable.
 
   Args:
@@ -648,6 +786,10 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
     scale: Python float multiplying q . k.
     interpret: False, True (`plgpu.InterpretGPUParams()`) or an
       `InterpretGPUParams`: Mosaic GPU interpret mode on CPU.
+    forward: "single" (one warpgroup per CTA over 64-key tiles),
+      "warp_specialized" (`_forward_ws`: two query tiles per CTA, 128-key
+      tiles streamed by a TMA warpgroup, ping-pong) or "auto" (the latter
+      for windows left + right + 1 >= _WS_MIN_WIDTH).
     backward: "split" (the dq and dk/dv kernels) or "fused" (one kernel, dq
       by TMA reduce-add; D == V or H == Hkv; slower on the H200 so far,
       BENCHMARKS.md section 4h).
@@ -662,7 +804,8 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
   Raises:
     ValueError: bad ranks/shapes, dtype not bf16/f16 (float32 included), D
       or V not in (64, 128), negative windows, unsupported block sizes, an
-      unknown or inapplicable `backward`, a non-bool `pingpong`.
+      unknown `forward`, an unknown or inapplicable `backward`, a non-bool
+      `pingpong`.
   """
   _check(q, k, v, left, right, block_sizes)
   b, t, h, d = q.shape
@@ -675,24 +818,32 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
                      f"got D={d}, V={dv}, H={h}, Hkv={hkv})")
   if not isinstance(pingpong, bool):
     raise ValueError(f"pingpong={pingpong!r} must be a bool")
+  _check_forward(forward)
   tp = -(-t // _PAD) * _PAD
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
   if tp != t:
     q, k, v = pad(q), pad(k), pad(v)
-  o = _attention(q, k, v, t, left, right, float(scale), backward, pingpong,
-                 interpret)
+  o = _attention(q, k, v, t, left, right, float(scale), forward, backward,
+                 pingpong, interpret)
   return o[:, :t]
 
 
+def _check_forward(forward):
+  if forward not in FORWARDS:
+    raise ValueError(f"forward={forward!r}: expected one of {FORWARDS}")
+
+
 def forward_with_lse(q, k, v, *, left: int, right: int, scale: float,
-                     interpret=False):
+                     interpret=False, forward="auto"):
   """(o [B, T, H, V], lse [B, H, T] float32, natural log) without autodiff;
   for tests and diagnostics."""
   _check(q, k, v, left, right, {})
+  _check_forward(forward)
   t = q.shape[1]
   left, right = min(int(left), t - 1), min(int(right), t - 1)
   tp = -(-t // _PAD) * _PAD
   pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
-  o, lse = _forward(pad(q), pad(k), pad(v), t=t, left=left, right=right,
-                    scale=float(scale), interpret=interpret)
+  o, lse = _forward_kernel(forward, left, right)(
+      pad(q), pad(k), pad(v), t=t, left=left, right=right,
+      scale=float(scale), interpret=interpret)
   return o[:, :t], lse[:, :, :t] / _LOG2E

@@ -148,6 +148,57 @@ def test_interpret_matches_oracle(t, h, hkv, dtype, left, right, backward):
     _check_close(g, g_ref, name)
 
 
+@pytest.mark.parametrize("t,h,hkv,dtype,left,right", _CASES)
+def test_interpret_warp_specialized_forward_matches_oracle(t, h, hkv, dtype,
+                                                          left, right):
+  # Two query tiles per CTA over 128-key tiles, ping-pong: the output, lse
+  # (in float64 NumPy) and gradients through it.
+  d, scale = 64, 0.125
+  q, k, v, w = _inputs(t, h, hkv, d, dtype, seed=12)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=right, scale=scale, interpret=True,
+      forward="warp_specialized")
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=scale)
+  _check_close(fn(q, k, v), ref(q, k, v), "o")
+  _, lse = swa_gpu.forward_with_lse(q, k, v, left=left, right=right,
+                                    scale=scale, interpret=True,
+                                    forward="warp_specialized")
+  qf, kf = (np.asarray(x, np.float64) for x in (q, k))
+  kf = np.repeat(kf, h // hkv, axis=2)
+  s = np.einsum("bihd,bjhd->bhij", qf, kf) * scale
+  s = np.where(_band(t, left, right, t), s, -np.inf)
+  want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
+  np.testing.assert_allclose(np.asarray(lse), want, rtol=0, atol=5e-2)
+  for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
+                            _grads(ref, q, k, v, w)):
+    _check_close(g, g_ref, name)
+
+
+def test_interpret_warp_specialized_forward_pingpong_is_bitwise_neutral():
+  # Taking turns changes when each warpgroup computes, not what; the
+  # warpgroups of a CTA skip different steps here (causal window 300 on
+  # T = 700), and a miscounted arrival would deadlock (setup.cfg timeout).
+  t, h, hkv, d, left = 700, 2, 1, 64, 300
+  q, k, v, _ = _inputs(t, h, hkv, d, jnp.bfloat16, seed=13)
+  tp = 768
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+  kw = dict(t=t, left=left, right=0, scale=0.125, interpret=True)
+  outs = [swa_gpu._forward_ws(pad(q), pad(k), pad(v), **kw, pingpong=p)  # pylint: disable=protected-access
+          for p in (False, True)]
+  for a, b in zip(*outs):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
+
+
+def test_auto_forward_picks_by_window_width():
+  pick = swa_gpu._forward_kernel  # pylint: disable=protected-access
+  wide = swa_gpu._WS_MIN_WIDTH  # pylint: disable=protected-access
+  assert pick("auto", wide - 1, 0) is swa_gpu._forward_ws  # pylint: disable=protected-access
+  assert pick("auto", wide - 2, 0) is swa_gpu._forward  # pylint: disable=protected-access
+  assert pick("single", 4095, 0) is swa_gpu._forward  # pylint: disable=protected-access
+  assert pick("warp_specialized", 0, 0) is swa_gpu._forward_ws  # pylint: disable=protected-access
+
+
 def test_interpret_value_dim_differs_gqa():
   # V = 128 != D = 64 with GQA: the dk/dv kernel stages its float32 outputs
   # in two buffers per warpgroup (D == V shares one).
@@ -313,11 +364,12 @@ def _export(fn, t, d=128, h=4, hkv=2):
   return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
 
 
+@pytest.mark.parametrize("forward", ["single", "warp_specialized"])
 @pytest.mark.parametrize("left", [127, 511, 2047, 4095])
-def test_forward_lowers_for_cuda(left):
+def test_forward_lowers_for_cuda(left, forward):
   t = 16384
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=128 ** -0.5)
+      q, k, v, left=left, right=0, scale=128 ** -0.5, forward=forward)
   exported = _export(fn, t)
   assert len(re.findall(r"custom_call @mosaic_gpu",
                         exported.mlir_module())) == 1
@@ -402,7 +454,7 @@ def test_lowers_mha_t_not_multiple_of_block():
     ("mixed", "dtypes differ"), ("left", "left=-1"),
     ("block", "block_q=128"), ("unknown", "block_foo"),
     ("backward", "backward='both'"), ("fused_gqa_dv", "backward='fused'"),
-    ("pingpong", "pingpong=1")])
+    ("pingpong", "pingpong=1"), ("forward", "forward='fast'")])
 def test_rejects_bad_inputs(case, match):
   t, h, hkv, d, dv, dtype = 128, 4, 2, 64, 64, jnp.bfloat16
   kw = dict(left=3, right=0, scale=0.125)
@@ -426,6 +478,8 @@ def test_rejects_bad_inputs(case, match):
     kw["backward"], dv = "fused", 128
   elif case == "pingpong":
     kw["pingpong"] = 1
+  elif case == "forward":
+    kw["forward"] = "fast"
   q = jnp.zeros((1, t, h, d), dtype)
   k = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, d), dtype)
   v = jnp.zeros((1, t if case != "k_shape" else t + 1, hkv, dv),
@@ -445,16 +499,17 @@ def test_supports():
 
 
 @gpu_only
-@pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
-@pytest.mark.parametrize("pingpong", [False, True])
-@pytest.mark.parametrize("left", [127, 511])
-def test_gpu_matches_oracle(left, backward, pingpong):
+@pytest.mark.parametrize("backward,pingpong,forward", [
+    (b, p, "auto") for b in swa_gpu.BACKWARDS for p in (False, True)] + [
+        ("split", False, "single"), ("split", False, "warp_specialized")])
+@pytest.mark.parametrize("left", [127, 511, 1500])
+def test_gpu_matches_oracle(left, backward, pingpong, forward):
   t, h, hkv, d = 2048, 4, 2, 128
   scale = d ** -0.5
   q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, b=2)
   fn = jax.jit(lambda q, k, v: swa_gpu.sliding_window_attention(
       q, k, v, left=left, right=0, scale=scale, backward=backward,
-      pingpong=pingpong))
+      pingpong=pingpong, forward=forward))
   ref = lambda q, k, v: oracle(q, k, v, left=left, right=0, scale=scale)
   o = fn(q, k, v)
   assert o.shape == (2, t, h, d) and o.dtype == jnp.bfloat16
