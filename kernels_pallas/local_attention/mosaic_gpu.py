@@ -676,7 +676,9 @@ def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
 
 BACKWARDS = ("split", "fused")   # the first is the default
 # "auto" picks "warp_specialized" for windows (left + right + 1) of at least
-# _WS_MIN_WIDTH keys, "single" (one warpgroup per CTA) below.
+# _WS_MIN_WIDTH keys, "single" (one warpgroup per CTA) below: on the H100 the
+# former is 1.01x / 1.02x at 1024 / 2048 (forward alone 1.18x) and 0.94x /
+# 0.96x at 128 / 512 (BENCHMARKS.md section 4l).
 FORWARDS = ("auto", "single", "warp_specialized")
 _WS_MIN_WIDTH = 1024
 
