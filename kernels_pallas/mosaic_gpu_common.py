@@ -199,3 +199,18 @@ def edge_mask(x, interior, visible, fill):
   included (BENCHMARKS.md section 4d)."""
   return lax.cond(interior, lambda x: x,
                   lambda x: jnp.where(visible(), x, fill), x)
+
+
+def cta(tile_axis, group, jnp_range, wgs):
+  """Where a warp-specialized kernel's compute warpgroup is (grid
+  (tile_axis, "heads", "batch"), warpgroups on "wg"): (wg, head, kv head,
+  batch, its own tile, [start, cta_end) of the partner tiles its CTA
+  streams (both warpgroups' ranges together), [own_start, own_end) of its
+  own tile; jnp_range(tile) gives a tile's range)."""
+  ct, hh, bb = (lax.axis_index(a) for a in (tile_axis, "heads", "batch"))
+  wg = lax.axis_index("wg")      # compute warpgroups 0 .. wgs - 1
+  kvh = lax.div(hh, jnp.array(group, hh.dtype))
+  start, _ = jnp_range(wgs * ct)
+  _, cta_end = jnp_range(wgs * ct + wgs - 1)
+  tile = wgs * ct + wg
+  return (wg, hh, kvh, bb, tile, start, cta_end, *jnp_range(tile))

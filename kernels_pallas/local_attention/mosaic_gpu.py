@@ -297,13 +297,9 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
 
   def swa_forward_ws(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, o_smem2,
                      lse_smem2, bars, turns_bar, *maybe_p):
-    ct, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
-    wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
-    kvh = lax.div(hh, jnp.array(group, hh.dtype))
-    start, _ = jnp_range(_WGS * ct)  # the CTA's first key tile
-    qt = _WGS * ct + wg              # this warpgroup's query tile
+    wg, hh, kvh, bb, qt, start, _, own_start, own_end = common.cta(
+        "q", group, jnp_range, _WGS)   # qt: this warpgroup's query tile
     q0 = qt * bq
-    own_start, own_end = jnp_range(qt)
     q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
     p_smem = maybe_p[0].at[wg] if maybe_p else None
     rows = pl.ds(q0, bq)

@@ -144,19 +144,7 @@ def _bias_rows(bias_ref, hh):
   return plgpu.load(bias_ref.at[hh], layout=_ROWS, optimized=False)
 
 
-def _cta(tile_axis, group, jnp_range):
-  """Where a warp-specialized kernel's compute warpgroup is (grid
-  (tile_axis, "heads", "batch"), warpgroups on "wg"): (wg, head, kv head,
-  batch, its own tile, [start, cta_end) of the partner tiles its CTA
-  streams (both warpgroups' ranges together), [own_start, own_end) of its
-  own tile; jnp_range(tile) gives a tile's range)."""
-  ct, hh, bb = (lax.axis_index(a) for a in (tile_axis, "heads", "batch"))
-  wg = lax.axis_index("wg")      # compute warpgroups 0 .. _WGS - 1
-  kvh = lax.div(hh, jnp.array(group, hh.dtype))
-  start, _ = jnp_range(_WGS * ct)
-  _, cta_end = jnp_range(_WGS * ct + _WGS - 1)
-  tile = _WGS * ct + wg
-  return (wg, hh, kvh, bb, tile, start, cta_end, *jnp_range(tile))
+_cta = functools.partial(common.cta, wgs=_WGS)
 
 
 def _own_tiles(copies, bars, wg, bias_ref, hh):
