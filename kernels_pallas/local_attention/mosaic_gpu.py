@@ -66,6 +66,16 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     first delta = rowsum(dO * o) of its tile, an output for dk/dv.
   dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
     with GQA the H // Hkv heads of a group are summed in XLA (float32).
+    The default (`backward="persistent"`, `_backward_dkv_persistent`) runs
+    the same tile math from persistent CTAs, one per SM: each walks its
+    share of the (key tile pair, kv head, batch) items through one
+    pipeline, the group's query heads one after another (so GQA's sum
+    stays in the accumulators and dk, dv leave in the input dtype), with
+    the next item's K, V prefetched and the finished item's dk, dv stored
+    while the next one computes. One CTA per SM has no other CTA to hide a
+    one-shot CTA's start and end behind; removing them made the kernel
+    3-6% and the op's forward + backward 2-3% faster on the H100
+    (BENCHMARKS.md section 4m).
   fused (opt-in, `backward="fused"`): the dk/dv kernel that also adds each
     pair's dS K into a float32 dq buffer by TMA reduce-add (five tile
     matmuls per pair instead of seven; delta from XLA). Slower than the
@@ -151,6 +161,11 @@ def _max_steps(n_src, **kw):
 
 _products = common.products
 _TILED = common.TILED
+# [rows, 32 * k] float32 SMEM tiles, 128-byte swizzled: a warp's stores of a
+# WGMMA-layout float32 array then spread over all banks (into a plain
+# row-major [64, 128] float32 buffer, the 8 rows a warp writes at once sit
+# on the same banks).
+_TILED32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 _WGMMA = common.WGMMA
 _ROWS = common.ROWS
 _COLS = common.COLS
@@ -472,6 +487,25 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
   )(q, k, v, do, o, lse)
 
 
+def _dkv_pair(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *, k0,
+              q0, interior, c, turns, t, left, right):
+  """One (key tile k0, query tile q0) pair of the dk/dv kernels, keys on
+  rows: (P^T, dS^T) [64, 64] float32 from S^T = K Q^T and dP^T = V dO^T
+  (`turns.turn()` after issuing them), masked unless `interior`."""
+  def mma(st_ref, dpt_ref):
+    plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
+    plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+    turns.turn()
+  shape = (k_smem.shape[0], q_smem.shape[0])
+  st, dpt = _products(mma, [shape, shape])
+  lse_j = plgpu.load(lse_smem, layout=_COLS)
+  delta_j = plgpu.load(delta_smem, layout=_COLS)
+  pt = jnp.exp2(st * c - _bcast(lse_j, shape, 1))
+  pt = _edge_mask(pt, interior, lambda: _visible(
+      k0, q0, shape, t=t, left=left, right=right, keys_on_rows=True), 0.0)
+  return pt, pt * (dpt - _bcast(delta_j, shape, 1))
+
+
 def _cta_range(cta, **kw):
   """[start, end) of the destination tiles that source tiles 2 cta and
   2 cta + 1 (the two compute warpgroups of one CTA) reach together."""
@@ -575,18 +609,9 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
 
       def step(carry, interior):
         dk_acc, dv_acc = carry
-        def mma(st_ref, dpt_ref):
-          plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
-          plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
-          turns.turn()
-        st, dpt = _products(mma, [(bk, bq), (bk, bq)])   # [keys, queries]
-        lse_j = plgpu.load(lse_smem, layout=_COLS)
-        delta_j = plgpu.load(delta_smem, layout=_COLS)
-        pt = jnp.exp2(st * c - _bcast(lse_j, (bk, bq), 1))
-        pt = _edge_mask(pt, interior, lambda: _visible(
-            k0, qt * bq, (bk, bq), t=t, left=left, right=right,
-            keys_on_rows=True), 0.0)
-        dst = pt * (dpt - _bcast(delta_j, (bk, bq), 1))
+        pt, dst = _dkv_pair(k_smem, v_smem, q_smem, do_smem, lse_smem,
+                            delta_smem, k0=k0, q0=qt * bq, interior=interior,
+                            c=c, turns=turns, t=t, left=left, right=right)
         pt16 = _a_operand(pt.astype(dtype), pt_smem)
         if fused:    # dS^T in SMEM: dk's A operand, transposed dq's
           ds_smem[...] = dst.astype(dtype)
@@ -627,7 +652,8 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   tile16 = plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)
   scratch = [plgpu.SMEM((_WGS, bk, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, bk, dv), dtype, transforms=_TILED),
-             (plgpu.SMEM((_WGS, bq, d), jnp.float32) if fused
+             (plgpu.SMEM((_WGS, bq, d), jnp.float32, transforms=_TILED32)
+              if fused
               else common.dkv_staging(group, _WGS, bk, d, dv)),
              tile16 if fused or interp is not None else None,   # dS^T
              plgpu.Barrier(num_barriers=2 * _WGS),
@@ -643,6 +669,179 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v, do, lse, delta)
+
+
+def _resident_ctas(per_sm):
+  """CTAs that fit the GPU at once (per_sm per SM): the SM count of the
+  first GPU, else (interpret mode, lowering on a CPU host) the H100's 132."""
+  try:
+    sms = jax.local_devices(backend="gpu")[0].core_count
+  except (RuntimeError, AttributeError, IndexError):
+    sms = 132
+  return per_sm * sms
+
+
+def _backward_dkv_persistent(q, k, v, do, lse, delta, *, t, left, right,
+                             scale, interpret, pingpong=False, ctas=None):
+  """(dk [B, Tp, Hkv, D], dv [B, Tp, Hkv, V]) in q.dtype, as
+  `_backward_dkv` summed over each group's query heads, from persistent
+  CTAs: `ctas` CTAs (default one per SM, the kernel's occupancy) share the
+  (key tile pair, kv head, batch) items round-robin, and one warp-
+  specialized pipeline runs through all of a CTA's items, each the
+  H // Hkv query heads of its group one after another (so the group's sum
+  stays in the float32 accumulators). Each compute warpgroup double-buffers
+  its K and V tiles: the next item's load is issued at the current item's
+  second step, and its dk, dv go out through the finished K, V buffers
+  while the next item computes. The one-shot kernel's prologue and
+  epilogue (K, V waited for, the first query tiles, the dk/dv stores) are
+  exposed there, one CTA per SM having no other CTA to hide them behind."""
+  b, tp, h, d = q.shape
+  hkv, dv = k.shape[2], v.shape[-1]
+  group = h // hkv
+  bq = bk = _BLOCK
+  n = tp // bk
+  n_pairs = n // _WGS
+  dtype = q.dtype
+  c = float(scale) * _LOG2E
+  kw = dict(t=t, back=right, ahead=left, block_src=bk, block_dst=bq)
+  steps_h = _cta_steps(n_pairs, **kw)     # query tiles per head
+  steps = group * steps_h                 # per item
+  items = n_pairs * hkv * b
+  n_cta = min(items, ctas or _resident_ctas(1))
+  interp = common.interpret_params(interpret)
+  jnp_range = lambda tile: tile_range(tile, **kw, maximum=jnp.maximum,
+                                      minimum=jnp.minimum)
+  q2 = q.reshape(b * tp, h * d)           # tile (bb * n + qt, hh)
+  do2 = do.reshape(b * tp, h * dv)
+  lse1, delta1 = lse.reshape(-1), delta.reshape(-1)   # tile (bb h + hh) n + qt
+
+  def swa_dkv_persistent(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+                         dk_ref, dv_ref, k_smem4, v_smem4, bars, turns_bar,
+                         *maybe_tiles):
+    cta = lax.axis_index("cta")
+    wg = lax.axis_index("wg")      # the compute warpgroups are 0 and 1
+    turns = common.Turns(turns_bar, wg)
+    n_items = (items - 1 - cta) // n_cta + 1    # items cta, cta + n_cta, ..
+    ds_smem, pt_smem = ((maybe_tiles[0].at[wg], maybe_tiles[1].at[wg])
+                        if maybe_tiles else (None, None))
+
+    def item(j):       # this CTA's j-th item -> (key tile pair, kv head, b)
+      it = cta + j * n_cta
+      return it % n_pairs, (it // n_pairs) % hkv, it // (n_pairs * hkv)
+
+    def kv_bar(j, which):     # which: 0 K, 1 V
+      return bars.at[((j % 2) * _WGS + wg) * 2 + which]
+
+    def load_kv(j):    # item j's K, V tiles of this warpgroup, slot j % 2
+      ct, kvh, bb = item(j)
+      keys = pl.ds((_WGS * ct + wg) * bk, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[bb, keys, kvh],
+                              k_smem4.at[j % 2, wg], kv_bar(j, 0))
+      plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh],
+                              v_smem4.at[j % 2, wg], kv_bar(j, 1))
+
+    def where(s):      # pipeline step -> (item, step in item, head, q tile)
+      j, r = s // steps, s % steps
+      ct, kvh, bb = item(j)
+      start, _ = jnp_range(_WGS * ct)
+      return j, r, kvh * group + r // steps_h, start + r % steps_h, ct, bb
+
+    def q_tile(s):
+      _, _, hh, qt, _, bb = where(s)
+      return bb * n + jnp.minimum(qt, n - 1), hh
+
+    def row_tile(s):
+      _, _, hh, qt, _, bb = where(s)
+      return ((bb * h + hh) * n + jnp.minimum(qt, n - 1),)
+
+    def compute(pipeline):   # per compute warpgroup, around its steps
+      load_kv(0)
+      turns.begin()
+      pipeline(
+          (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
+           plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA)))
+      turns.end()
+      plgpu.wait_smem_to_gmem(0)
+
+    def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
+      j, r, _, qt, ct, bb = where(idx[0])
+      kt = _WGS * ct + wg              # this warpgroup's key tile
+      k0 = kt * bk
+      kvh = item(j)[1]
+      own_start, own_end = jnp_range(kt)
+      k_smem, v_smem = k_smem4.at[j % 2, wg], v_smem4.at[j % 2, wg]
+
+      @pl.when(r == 0)
+      def _():
+        plgpu.barrier_wait(kv_bar(j, 0))
+        plgpu.barrier_wait(kv_bar(j, 1))
+
+      # The other slot held item j - 1's K, V and then its dk, dv, stored
+      # a step ago: once that store has left, fetch item j + 1's K, V.
+      @pl.when(r == min(1, steps - 1))
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        pl.when(j + 1 < n_items)(lambda: load_kv(j + 1))
+
+      # A new item restarts the sums (zeros, not 0 * carry: a NaN of one
+      # item must not reach the next).
+      carry = lax.cond(r == 0, lambda x: tuple(
+          plgpu.layout_cast(jnp.zeros(a.shape, jnp.float32), _WGMMA)
+          for a in x), lambda x: x, carry)
+
+      def step(carry, interior):
+        dk_acc, dv_acc = carry
+        pt, dst = _dkv_pair(k_smem, v_smem, q_smem, do_smem, lse_smem,
+                            delta_smem, k0=k0, q0=qt * bq, interior=interior,
+                            c=c, turns=turns, t=t, left=left, right=right)
+        pt16 = _a_operand(pt.astype(dtype), pt_smem)
+        dst16 = _a_operand(dst.astype(dtype), ds_smem)
+        turns.turn()
+        def acc(dk_ref, dv_ref):
+          plgpu.wgmma(dv_ref, pt16, do_smem)
+          plgpu.wgmma(dk_ref, dst16, q_smem)
+        return common.accumulate(acc, (dk_acc, dv_acc), interp)
+
+      valid = (qt >= own_start) & (qt < own_end)
+      interior = _interior(qt * bq, k0, t=t, left=left, right=right,
+                           block_q=bq, block_kv=bk)
+      dk_acc, dv_acc = turns.skip_or(valid, interior, step, carry)
+
+      @pl.when(r == steps - 1)
+      def _store():    # through the item's K, V buffers, done with
+        keys = pl.ds(k0, bk)
+        k_smem[...] = (dk_acc * float(scale)).astype(dtype)
+        v_smem[...] = dv_acc.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bb, keys, kvh])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bb, keys, kvh])
+      return dk_acc, dv_acc
+
+    pipeline = plgpu.emit_pipeline_warp_specialized(
+        body, grid=(n_items * steps,), memory_registers=_MEMORY_REGS,
+        in_specs=[plgpu.BlockSpec((bq, d), q_tile, transforms=_TILED),
+                  plgpu.BlockSpec((bq, dv), q_tile, transforms=_TILED),
+                  plgpu.BlockSpec((bq,), row_tile),
+                  plgpu.BlockSpec((bq,), row_tile)],
+        max_concurrent_steps=2, num_compute_wgs=_WGS,
+        wg_axis="wg", compute_context=compute)
+    pipeline(q_ref, do_ref, lse_ref, delta_ref)
+
+  scratch = [plgpu.SMEM((2, _WGS, bk, d), dtype, transforms=_TILED),
+             plgpu.SMEM((2, _WGS, bk, dv), dtype, transforms=_TILED),
+             plgpu.Barrier(num_barriers=2 * _WGS * 2),
+             common.Turns.scratch(pingpong)]
+  if interp is not None:     # dS^T, P^T
+    scratch += [plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)] * 2
+  return plgpu.kernel(
+      swa_dkv_persistent,
+      out_type=(jax.ShapeDtypeStruct(k.shape, dtype),
+                jax.ShapeDtypeStruct(v.shape, dtype)),
+      grid=(n_cta,), grid_names=("cta",),
+      num_threads=_WGS + 1, thread_name="wg",
+      scratch_types=tuple(scratch), compiler_params=_PARAMS,
+      interpret=interp,
+  )(q2, k, v, do2, lse1, delta1)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -670,7 +869,7 @@ def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
   return (dq if interp is None else dq.sum(axis=0)), dk, dv
 
 
-BACKWARDS = ("split", "fused")   # the first is the default
+BACKWARDS = ("persistent", "split", "fused")   # the first is the default
 # "auto" picks "warp_specialized" for windows (left + right + 1) of at least
 # _WS_MIN_WIDTH keys, "single" (one warpgroup per CTA) below: on the H100 the
 # former is 1.01x / 1.02x at 1024 / 2048 (forward alone 1.18x) and 0.94x /
@@ -721,6 +920,11 @@ def _attention_bwd(t, left, right, scale, forward, backward, pingpong,
       # cores, pytest-xdist; jax 0.11.2).
       jax.block_until_ready((dq, dk, dv))
     dq = (dq * float(scale)).astype(q.dtype)
+  elif backward == "persistent":
+    dq, delta = _backward_dq(q, k, v, do, o, lse, **kw)    # delta [B, H, Tp]
+    dk, dv = _backward_dkv_persistent(q, k, v, do, lse, delta, **kw,
+                                      pingpong=pingpong)   # group-summed
+    return dq, dk, dv
   else:
     dq, delta = _backward_dq(q, k, v, do, o, lse, **kw)    # delta [B, H, Tp]
     dk, dv = _backward_dkv(q, k, v, do, lse, delta, **kw, pingpong=pingpong)
@@ -773,7 +977,7 @@ def _check(q, k, v, left, right, block_sizes):
 
 def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
                              interpret=False, forward="auto",
-                             backward="split", pingpong=False,
+                             backward="persistent", pingpong=False,
                              **block_sizes) -> jax.Array:
   """Sliding-window attention (module docstring) on Hopper, differentiable.
 
@@ -788,16 +992,18 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
       "warp_specialized" (`_forward_ws`: two query tiles per CTA, 128-key
       tiles streamed by a TMA warpgroup, ping-pong) or "auto" (the latter
       for windows left + right + 1 >= _WS_MIN_WIDTH).
-    backward: "split" (the dq and dk/dv kernels) or "fused" (one kernel, dq
-      by TMA reduce-add; D == V or H == Hkv; slower on the H200 so far,
-      BENCHMARKS.md section 4h).
+    backward: "persistent" (the dq kernel, then persistent dk/dv CTAs that
+      sum each GQA group in-kernel; `_backward_dkv_persistent`), "split"
+      (the dq kernel and one dk/dv CTA per key tile pair and query head)
+      or "fused" (one kernel, dq by TMA reduce-add; D == V or H == Hkv;
+      slower, BENCHMARKS.md sections 4h, 4k, 4m).
     pingpong: the dk/dv kernel's two compute warpgroups take turns on the
       tensor cores (`common.Turns`). Off by default: no gain on the H200
       (BENCHMARKS.md section 4i).
     **block_sizes: block_q, block_kv; only 64 is supported.
 
   Returns:
-    [B, T, H, V] in q.dtype. Its VJP runs the dq and dk/dv kernels.
+    [B, T, H, V] in q.dtype. Its VJP runs the `backward` kernels.
 
   Raises:
     ValueError: bad ranks/shapes, dtype not bf16/f16 (float32 included), D

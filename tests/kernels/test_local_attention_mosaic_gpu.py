@@ -129,6 +129,62 @@ _CASES = [
 ]
 
 
+@pytest.mark.parametrize("t,h,hkv,left,right,ctas,pingpong", [
+    (200, 2, 1, 70, 0, 3, False),     # MHA, 4 items over 3 CTAs
+    (300, 2, 2, 300, 300, 5, True),   # full window, ragged last round
+    (700, 4, 2, 400, 0, 2, False),    # GQA: an item walks 2 query heads
+    (256, 4, 1, 5, 9, 1, True),       # one CTA walks everything
+])
+def test_interpret_persistent_dkv_equals_split(t, h, hkv, left, right, ctas,
+                                                pingpong):
+  # CTAs that walk several items (K, V double-buffered, the accumulators
+  # restarted per item, the dk/dv stores overlapping the next item) give
+  # the split dk/dv kernel's results, summed over each group's heads: MHA
+  # bitwise (the same wgmmas on the same operands), GQA up to the order of
+  # the float32 sum over heads (the split one rounds per head first).
+  d = 64
+  q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, seed=14)
+  do = w.astype(jnp.bfloat16)
+  tp = -(-t // 128) * 128
+  q, k, v, do = (jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+                 for x in (q, k, v, do))
+  kw = dict(t=t, left=left, right=right, scale=0.125, interpret=True)
+  o, lse = swa_gpu._forward(q, k, v, **kw)  # pylint: disable=protected-access
+  _, delta = swa_gpu._backward_dq(q, k, v, do, o, lse, **kw)  # pylint: disable=protected-access
+  split = swa_gpu._backward_dkv(q, k, v, do, lse, delta, **kw)  # pylint: disable=protected-access
+  persistent = swa_gpu._backward_dkv_persistent(  # pylint: disable=protected-access
+      q, k, v, do, lse, delta, **kw, pingpong=pingpong, ctas=ctas)
+  for name, a, b in zip(("dk", "dv"), split, persistent):
+    a = np.asarray(a, np.float32).reshape(1, tp, hkv, h // hkv, d).sum(3)
+    b = np.asarray(b, np.float32)
+    assert b.shape == (1, tp, hkv, d), name
+    if h == hkv:
+      np.testing.assert_array_equal(b[:, :t], a[:, :t], name)
+    else:
+      assert _rel_err(b[:, :t], a[:, :t]) < 1e-2, name
+
+
+def test_interpret_persistent_dkv_items_are_isolated():
+  # One CTA walks every item, batch 0's before batch 1's; NaN queries in
+  # batch 0 make its dk, dv NaN, and the restarted accumulators must keep
+  # batch 1's exact (a restart by 0 * previous sums would carry the NaN).
+  t, h, d = 256, 2, 64
+  q, k, v, w = _inputs(t, h, h, d, jnp.bfloat16, seed=15, b=2)
+  do = w.astype(jnp.bfloat16)
+  q = q.at[0].set(jnp.nan)
+  kw = dict(t=t, left=70, right=0, scale=0.125, interpret=True)
+  o, lse = swa_gpu._forward(q, k, v, **kw)  # pylint: disable=protected-access
+  _, delta = swa_gpu._backward_dq(q, k, v, do, o, lse, **kw)  # pylint: disable=protected-access
+  split = swa_gpu._backward_dkv(q, k, v, do, lse, delta, **kw)  # pylint: disable=protected-access
+  persistent = swa_gpu._backward_dkv_persistent(  # pylint: disable=protected-access
+      q, k, v, do, lse, delta, **kw, ctas=1)
+  for name, a, b in zip(("dk", "dv"), split, persistent):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.isnan(b[0]).all(), name
+    assert np.isfinite(a[1]).all(), name
+    np.testing.assert_array_equal(b[1], a[1], name)
+
+
 @pytest.mark.parametrize("backward", swa_gpu.BACKWARDS)
 @pytest.mark.parametrize("t,h,hkv,dtype,left,right", _CASES)
 def test_interpret_matches_oracle(t, h, hkv, dtype, left, right, backward):
@@ -276,7 +332,8 @@ def _window10_grads(seed, poison, backward, pingpong=False):
 
 
 @pytest.mark.parametrize("backward,pingpong", [
-    ("split", False), ("fused", False), ("split", True)])
+    ("split", False), ("fused", False), ("split", True), ("persistent", False),
+    ("persistent", True)])
 def test_interpret_dkv_skips_the_other_warpgroups_tiles(backward, pingpong):
   # Causal window 10, T = 512: the dk/dv CTA of key tiles 0 and 1 streams
   # query tiles 0..2; key tile 0's warpgroup reaches only 0 and 1 and must
@@ -377,12 +434,13 @@ def test_forward_lowers_for_cuda(left, forward):
   assert out.shape == (2, t, 4, 128) and out.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("backward", ["persistent", "split"])
 @pytest.mark.parametrize("left,pingpong", [(511, False), (4095, False),
                                            (511, True)])
-def test_backward_lowers_for_cuda(left, pingpong):
+def test_backward_lowers_for_cuda(left, pingpong, backward):
   t = 16384
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
-      q, k, v, left=left, right=0, scale=128 ** -0.5, backward="split",
+      q, k, v, left=left, right=0, scale=128 ** -0.5, backward=backward,
       pingpong=pingpong)
   grad = lambda q, k, v: jax.grad(
       lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
