@@ -74,7 +74,7 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     the next item's K, V prefetched and the finished item's dk, dv stored
     while the next one computes. One CTA per SM has no other CTA to hide a
     one-shot CTA's start and end behind; removing them made the kernel
-    3-6% and the op's forward + backward 2-3% faster on the H100
+    2.5-6% and the op's forward + backward 2-3% faster on the H100
     (BENCHMARKS.md section 4m).
   fused (opt-in, `backward="fused"`): the dk/dv kernel that also adds each
     pair's dS K into a float32 dq buffer by TMA reduce-add (five tile
@@ -740,18 +740,19 @@ def _backward_dkv_persistent(q, k, v, do, lse, delta, *, t, left, right,
       plgpu.copy_gmem_to_smem(v_ref.at[bb, keys, kvh],
                               v_smem4.at[j % 2, wg], kv_bar(j, 1))
 
-    def where(s):      # pipeline step -> (item, step in item, head, q tile)
-      j, r = s // steps, s % steps
+    def locate(s):     # pipeline step -> (item, step in it, query head,
+      j, r = s // steps, s % steps   # query tile, key tile pair, kv head, b)
       ct, kvh, bb = item(j)
       start, _ = jnp_range(_WGS * ct)
-      return j, r, kvh * group + r // steps_h, start + r % steps_h, ct, bb
+      return (j, r, kvh * group + r // steps_h, start + r % steps_h, ct, kvh,
+              bb)
 
     def q_tile(s):
-      _, _, hh, qt, _, bb = where(s)
+      _, _, hh, qt, _, _, bb = locate(s)
       return bb * n + jnp.minimum(qt, n - 1), hh
 
     def row_tile(s):
-      _, _, hh, qt, _, bb = where(s)
+      _, _, hh, qt, _, _, bb = locate(s)
       return ((bb * h + hh) * n + jnp.minimum(qt, n - 1),)
 
     def compute(pipeline):   # per compute warpgroup, around its steps
@@ -764,10 +765,9 @@ def _backward_dkv_persistent(q, k, v, do, lse, delta, *, t, left, right,
       plgpu.wait_smem_to_gmem(0)
 
     def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
-      j, r, _, qt, ct, bb = where(idx[0])
+      j, r, _, qt, ct, kvh, bb = locate(idx[0])
       kt = _WGS * ct + wg              # this warpgroup's key tile
       k0 = kt * bk
-      kvh = item(j)[1]
       own_start, own_end = jnp_range(kt)
       k_smem, v_smem = k_smem4.at[j % 2, wg], v_smem4.at[j % 2, wg]
 
