@@ -12,8 +12,8 @@ two yardsticks that compute softmax attention of the same q/k/v shapes with the
 same causal flag and window: "cudnn_softmax" (jax.nn.dot_product_attention with
 implementation="cudnn"; GPU only) and "xla_softmax" (the same with "xla").
 Kernel options: for sliding_window_attention "mosaic_gpu_fused_bwd" and
-"mosaic_gpu_split_bwd" (the Hopper kernel with `backward="fused"` /
-`"split"` instead of "persistent"), "mosaic_gpu_pingpong" (with
+"mosaic_gpu_persistent_bwd" (the Hopper kernel with `backward="fused"` /
+`"persistent"` instead of "split"), "mosaic_gpu_pingpong" (with
 `pingpong=True`), "mosaic_gpu_single_fwd" and "mosaic_gpu_ws_fwd" (with
 `forward="single"` / `"warp_specialized"` instead of the window-dependent
 "auto"); for sigmoid_attention "mosaic_gpu_no_pingpong" (the Hopper
@@ -58,13 +58,13 @@ YARDSTICKS = ("cudnn_softmax", "xla_softmax")
 # Kernel options not exposed by the ops, timed by calling the kernel module
 # directly: sliding_window_attention's mosaic_gpu kernel with
 # backward="fused" (one dk/dv/dq kernel; BENCHMARKS.md section 4h) or
-# "split" (one-shot dk/dv CTAs instead of persistent ones; section 4m) or
+# "persistent" (persistent dk/dv CTAs instead of one-shot ones; 4m, 4n) or
 # pingpong=True (two compute warpgroups taking turns on the tensor cores), or
 # one forward kernel whatever the window (forward="single" or
 # "warp_specialized"), and
 # sigmoid_attention's mosaic_gpu kernel with its default pingpong=True off.
 SWA_FUSED_BWD = "mosaic_gpu_fused_bwd"
-SWA_SPLIT_BWD = "mosaic_gpu_split_bwd"
+SWA_PERSISTENT_BWD = "mosaic_gpu_persistent_bwd"
 PINGPONG = "mosaic_gpu_pingpong"
 NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
@@ -75,7 +75,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "implementation", ["xla"],
     "Implementations to time, in order; ratios are against the first. An op "
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
-    f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_SPLIT_BWD}, {PINGPONG}, "
+    f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
@@ -213,15 +213,15 @@ def _make_problem(op: str, seq_len: int, key: jax.Array) -> _Problem:
       softmax_flops = _attention_flops(b, h, pairs, d, dv)
     if op == "sliding_window_attention":
       def call(q, k, v, implementation=None, interpret=False):
-        if implementation in (SWA_FUSED_BWD, SWA_SPLIT_BWD, PINGPONG,
+        if implementation in (SWA_FUSED_BWD, SWA_PERSISTENT_BWD, PINGPONG,
                               *SWA_FORWARDS):
           return swa_mosaic_gpu.sliding_window_attention(   # kernel options
               q, k, v, left=window[0], right=window[1], scale=d ** -0.5,
               interpret=interpret,
               forward=SWA_FORWARDS.get(implementation, "auto"),
               backward={SWA_FUSED_BWD: "fused",
-                        SWA_SPLIT_BWD: "split"}.get(
-                            implementation, "persistent"),
+                        SWA_PERSISTENT_BWD: "persistent"}.get(
+                            implementation, "split"),
               pingpong=implementation == PINGPONG)
         return al.sliding_window_attention(
             q, k, v, local_window_size=window, is_causal=causal,

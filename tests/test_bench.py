@@ -114,7 +114,7 @@ def test_bench_rejects_a_negative_min_time(tmp_path):
 
 @pytest.mark.parametrize("op,variant,extra", [
     ("sliding_window_attention", bench.SWA_FUSED_BWD, ["--window=16"]),
-    ("sliding_window_attention", bench.SWA_SPLIT_BWD, ["--window=16"]),
+    ("sliding_window_attention", bench.SWA_PERSISTENT_BWD, ["--window=16"]),
     ("sliding_window_attention", bench.PINGPONG, ["--window=16"]),
     ("sliding_window_attention", "mosaic_gpu_ws_fwd", ["--window=16"]),
     ("sigmoid_attention", bench.NO_PINGPONG, ["--window=16"]),

@@ -66,16 +66,18 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     first delta = rowsum(dO * o) of its tile, an output for dk/dv.
   dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
     with GQA the H // Hkv heads of a group are summed in XLA (float32).
-    The default (`backward="persistent"`, `_backward_dkv_persistent`) runs
-    the same tile math from persistent CTAs, one per SM: each walks its
-    share of the (key tile pair, kv head, batch) items through one
-    pipeline, the group's query heads one after another (so GQA's sum
-    stays in the accumulators and dk, dv leave in the input dtype), with
-    the next item's K, V prefetched and the finished item's dk, dv stored
-    while the next one computes. One CTA per SM has no other CTA to hide a
-    one-shot CTA's start and end behind; removing them made the kernel
-    2.5-6% and the op's forward + backward 2-3% faster on the H100
-    (BENCHMARKS.md section 4m).
+    That is the default (`backward="split"`). The option
+    `backward="persistent"` (`_backward_dkv_persistent`) runs the same tile
+    math from persistent CTAs, one per SM: each walks its share of the (key
+    tile pair, kv head, batch) items through one pipeline, the group's
+    query heads one after another (so GQA's sum stays in the accumulators
+    and dk, dv leave in the input dtype), with the next item's K, V
+    prefetched and the finished item's dk, dv stored while the next one
+    computes. It hides the one-shot CTA's start and end, but its
+    accumulators must restart per item without letting a NaN through, and
+    that reset costs about what persistence saves: on the H100 the op's
+    forward + backward is within 1% of the split one at windows 128 and
+    512 and 6% slower at 2048 (BENCHMARKS.md sections 4m, 4n).
   fused (opt-in, `backward="fused"`): the dk/dv kernel that also adds each
     pair's dS K into a float32 dq buffer by TMA reduce-add (five tile
     matmuls per pair instead of seven; delta from XLA). Slower than the
@@ -783,11 +785,13 @@ def _backward_dkv_persistent(q, k, v, do, lse, delta, *, t, left, right,
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         pl.when(j + 1 < n_items)(lambda: load_kv(j + 1))
 
-      # A new item restarts the sums (zeros, not 0 * carry: a NaN of one
-      # item must not reach the next).
-      carry = lax.cond(r == 0, lambda x: tuple(
-          plgpu.layout_cast(jnp.zeros(a.shape, jnp.float32), _WGMMA)
-          for a in x), lambda x: x, carry)
+      # A new item restarts the sums by a select at every step: a NaN of one
+      # item must not reach the next (0 * carry would carry it). Any reset
+      # costs, as it touches the accumulators outside the wgmmas: on the
+      # H100 the kernel was 1.2-1.3x slower with a lax.cond at the item's
+      # first step, and 3-8% slower with a multiply or a bitwise and than
+      # with this select (BENCHMARKS.md section 4n).
+      carry = tuple(jnp.where(r == 0, 0.0, a) for a in carry)
 
       def step(carry, interior):
         dk_acc, dv_acc = carry
@@ -869,7 +873,7 @@ def _backward_fused(q, k, v, do, lse, delta, *, t, left, right, scale,
   return (dq if interp is None else dq.sum(axis=0)), dk, dv
 
 
-BACKWARDS = ("persistent", "split", "fused")   # the first is the default
+BACKWARDS = ("split", "persistent", "fused")   # the first is the default
 # "auto" picks "warp_specialized" for windows (left + right + 1) of at least
 # _WS_MIN_WIDTH keys, "single" (one warpgroup per CTA) below: on the H100 the
 # former is 1.01x / 1.02x at 1024 / 2048 (forward alone 1.18x) and 0.94x /
@@ -977,7 +981,7 @@ def _check(q, k, v, left, right, block_sizes):
 
 def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
                              interpret=False, forward="auto",
-                             backward="persistent", pingpong=False,
+                             backward="split", pingpong=False,
                              **block_sizes) -> jax.Array:
   """Sliding-window attention (module docstring) on Hopper, differentiable.
 
@@ -992,11 +996,11 @@ def sliding_window_attention(q, k, v, *, left: int, right: int, scale: float,
       "warp_specialized" (`_forward_ws`: two query tiles per CTA, 128-key
       tiles streamed by a TMA warpgroup, ping-pong) or "auto" (the latter
       for windows left + right + 1 >= _WS_MIN_WIDTH).
-    backward: "persistent" (the dq kernel, then persistent dk/dv CTAs that
-      sum each GQA group in-kernel; `_backward_dkv_persistent`), "split"
-      (the dq kernel and one dk/dv CTA per key tile pair and query head)
-      or "fused" (one kernel, dq by TMA reduce-add; D == V or H == Hkv;
-      slower, BENCHMARKS.md sections 4h, 4k, 4m).
+    backward: "split" (the dq kernel and one dk/dv CTA per key tile pair
+      and query head), "persistent" (the dq kernel, then persistent dk/dv
+      CTAs that sum each GQA group in-kernel; `_backward_dkv_persistent`;
+      about as fast, BENCHMARKS.md section 4n) or "fused" (one kernel, dq
+      by TMA reduce-add; D == V or H == Hkv; slower, sections 4h, 4k, 4m).
     pingpong: the dk/dv kernel's two compute warpgroups take turns on the
       tensor cores (`common.Turns`). Off by default: no gain on the H200
       (BENCHMARKS.md section 4i).
