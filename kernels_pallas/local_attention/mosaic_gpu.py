@@ -81,8 +81,9 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
   fused (opt-in, `backward="fused"`): the dk/dv kernel that also adds each
     pair's dS K into a float32 dq buffer by TMA reduce-add (five tile
     matmuls per pair instead of seven; delta from XLA). Slower than the
-    split backward on the H200 (BENCHMARKS.md section 4h), hence not the
-    default.
+    split backward on the H200 and the H100 (BENCHMARKS.md sections 4h,
+    4k, 4n: 1.2x its time with dq's product in 64-column halves), hence
+    not the default.
   Option `pingpong=True`: the dk/dv kernel's two compute warpgroups take
     turns on the tensor cores (FlashAttention-3's schedule, `common.Turns`);
     no gain on the H200 (BENCHMARKS.md section 4i), so off by default.
@@ -544,6 +545,11 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   hkv, dv = k.shape[2], v.shape[-1]
   group = h // hkv
   fused = dq_acc is not None
+  # The fused dq product in 64-column pieces, each reduce-added on its own
+  # (MHA; with GQA the dq buffer also stages [64, D] dk and dv): at D = 128
+  # the kernel took 0.92x / 0.82x the time of whole [64, 128] products on
+  # the H100 at w = 512 / 2048 (BENCHMARKS.md section 4n).
+  dq_cols = _BLOCK if group == 1 else d
   assert not fused or group == 1 or d == dv, (group, d, dv)
   bq = bk = _BLOCK
   n = tp // bk
@@ -593,17 +599,17 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
           dk_ref.at[bb, keys, hh], dv_ref.at[bb, keys, hh], k_smem=k_smem,
           v_smem=v_smem, staging=staging, wg=wg)
 
-    def add_dq(part, qt):    # the fused backward: dq_acc[rows] += part
+    def add_dq(part, qt, cols):    # the fused backward: dq_acc[rows] += part
       rows = pl.ds(qt * bq, bq)
       if interp is not None:
-        dst = dq_acc.at[wg, bb, rows, hh]
+        dst = dq_acc.at[wg, bb, rows, hh, cols]
         dst[...] = dst[...] + part
         return
       dq_smem = out_smem2.at[wg]
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous one left
       dq_smem[...] = part
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dq_smem, dq_acc.at[bb, rows, hh],
+      plgpu.copy_smem_to_gmem(dq_smem, dq_acc.at[bb, rows, hh, cols],
                               reduction_op="add")
 
     def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
@@ -626,11 +632,14 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
           plgpu.wgmma(dv_ref, pt16, do_smem)
           plgpu.wgmma(dk_ref, dst16, q_smem)
         carry = common.accumulate(acc, (dk_acc, dv_acc), interp)
-        if fused:
-          (dq_part,) = _products(     # [queries, D]: dS K of this pair
-              lambda r: plgpu.wgmma(r, ds_smem.transpose((1, 0)), k_smem),
-              [(bq, d)])
-          add_dq(dq_part, qt)
+        if fused:    # [queries, D]: dS K of this pair, dq_cols at a time
+          for c0 in range(0, d, dq_cols):
+            cols = pl.ds(c0, dq_cols)
+            (dq_part,) = _products(
+                lambda r, cols=cols: plgpu.wgmma(
+                    r, ds_smem.transpose((1, 0)), k_smem.at[:, cols]),
+                [(bq, dq_cols)])
+            add_dq(dq_part, qt, cols)
         return carry
 
       valid = (qt >= own_start) & (qt < own_end)
@@ -654,7 +663,8 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   tile16 = plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)
   scratch = [plgpu.SMEM((_WGS, bk, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, bk, dv), dtype, transforms=_TILED),
-             (plgpu.SMEM((_WGS, bq, d), jnp.float32, transforms=_TILED32)
+             (plgpu.SMEM((_WGS, bq, dq_cols if group == 1 else d),
+                         jnp.float32, transforms=_TILED32)
               if fused
               else common.dkv_staging(group, _WGS, bk, d, dv)),
              tile16 if fused or interp is not None else None,   # dS^T

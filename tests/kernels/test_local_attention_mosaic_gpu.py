@@ -363,12 +363,14 @@ def test_interpret_dq_skips_the_other_warpgroups_tiles(backward):
   assert np.isnan(np.asarray(dq[:, 64:192], np.float32)).any()
 
 
-def test_interpret_fused_backward_equals_split():
+@pytest.mark.parametrize("t,h,hkv,d,left", [
+    (700, 4, 2, 64, 400),    # GQA: a dk/dv CTA streams 9 query tiles
+    (300, 2, 2, 128, 150),   # MHA, D = 128: dq's product in two halves
+])
+def test_interpret_fused_backward_equals_split(t, h, hkv, d, left):
   # The two backwards do the same tile math; dk and dv come from the same
   # wgmmas on the same operands (bitwise), dq only differs in the order its
-  # float32 contributions are summed. Causal window 401 on T = 700 with GQA
-  # (a dk/dv CTA streams 9 query tiles).
-  t, h, hkv, d, left = 700, 4, 2, 64, 400
+  # float32 contributions are summed. Causal window left + 1.
   q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, seed=9)
   grads = {}
   for backward in ("fused", "split"):
@@ -456,6 +458,7 @@ def test_backward_lowers_for_cuda(left, pingpong, backward):
 
 @pytest.mark.parametrize("h,hkv,d,pingpong", [(4, 2, 128, False),
                                               (2, 2, 64, False),
+                                              (2, 2, 128, False),
                                               (4, 2, 128, True)])
 def test_fused_backward_lowers_for_cuda(h, hkv, d, pingpong):
   # One kernel for the backward (its float32 dq staging, K, V, dS and two
