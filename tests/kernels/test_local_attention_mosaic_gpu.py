@@ -1,5 +1,6 @@
 """Tests of the Mosaic GPU (Hopper) sliding-window attention kernels,
-forward and backward (kernels_pallas/local_attention/mosaic_gpu.py).
+forward and backward (kernels_pallas/local_attention/mosaic_gpu.py and the
+modules it imports, mosaic_gpu_backward.py and mosaic_gpu_band.py).
 
 Tiers:
   * the per-CTA tile ranges and interior flags against brute force over the

@@ -1,0 +1,90 @@
+"""The 1-D band geometry and shared constants of the Hopper sliding-window
+kernels (mosaic_gpu.py: the forward kernels and the op; mosaic_gpu_backward.py:
+the backward kernels): which tiles a tile reaches (`tile_range`), whether a
+tile pair is wholly inside the band (`_interior`), the band mask of an edge
+pair (`_visible`), and the per-CTA step counts of the warp-specialized
+kernels (`_cta_range`, `_cta_steps`). The module docstring of mosaic_gpu.py
+gives the math.
+"""
+
+from __future__ import annotations
+
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from kernels_pallas import mosaic_gpu_common as common
+
+_BLOCK = 64
+_WGS = 2            # compute warpgroups of the dk/dv kernel, a key tile each
+_MEMORY_REGS = 40   # registers of its TMA warpgroup
+_PAD = _WGS * _BLOCK   # T is padded to a multiple of this
+_LOG2E = common.LOG2E
+_MASK = common.MASK   # masked (log2-scaled) score; finite on purpose (common)
+
+
+def tile_range(tile, *, t, back, ahead, block_src=_BLOCK, block_dst=_BLOCK,
+               maximum=max, minimum=min):
+  """[start, end) of the destination tiles that tile `tile` of the source
+  axis reaches, where source position i reaches destination positions
+  [i - back, i + ahead] ∩ [0, t).
+
+  Query tile -> key tiles: back=left, ahead=right. Key tile -> query tiles:
+  back=right, ahead=left. Works on Python ints and (with maximum=jnp.maximum,
+  minimum=jnp.minimum) on traced int32 scalars.
+  """
+  first = tile * block_src
+  last = minimum(first + block_src, t) - 1       # last real position
+  start = maximum(first - back, 0) // block_dst
+  end = minimum(last + ahead, t - 1) // block_dst + 1
+  return start, end
+
+
+def _interior(q0, k0, *, t, left, right, block_q, block_kv):
+  """Whether every query in [q0, q0 + block_q) sees every key of
+  [k0, k0 + block_kv)."""
+  return ((k0 >= q0 + block_q - 1 - left) & (k0 + block_kv - 1 <= q0 + right)
+          & (k0 + block_kv - 1 < t))
+
+
+def _max_steps(n_src, **kw):
+  return max(e - s for s, e in (tile_range(i, **kw) for i in range(n_src)))
+
+
+_products = common.products
+_TILED = common.TILED
+# [rows, 32 * k] float32 SMEM tiles, 128-byte swizzled: a warp's stores of a
+# WGMMA-layout float32 array then spread over all banks (into a plain
+# row-major [64, 128] float32 buffer, the 8 rows a warp writes at once sit
+# on the same banks).
+_TILED32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+_WGMMA = common.WGMMA
+_ROWS = common.ROWS
+_COLS = common.COLS
+_PARAMS = common.LANE_PARAMS
+
+
+def _visible(row0, col0, shape, *, t, left, right, keys_on_rows):
+  """[bq, bk] (or [bk, bq] if keys_on_rows) band mask in the WGMMA layout."""
+  r = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_WGMMA) + row0
+  c = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_WGMMA) + col0
+  qi, kj = (c, r) if keys_on_rows else (r, c)
+  return (kj >= qi - left) & (kj <= qi + right) & (kj < t)
+
+
+_bcast = common.bcast
+_a_operand = common.a_operand
+
+
+_skip_or, _edge_mask = common.skip_or, common.edge_mask
+
+
+def _cta_range(cta, **kw):
+  """[start, end) of the destination tiles that source tiles 2 cta and
+  2 cta + 1 (the two compute warpgroups of one CTA) reach together."""
+  start, _ = tile_range(_WGS * cta, **kw)
+  _, end = tile_range(_WGS * cta + _WGS - 1, **kw)
+  return start, end
+
+
+def _cta_steps(n_cta, **kw):
+  return max(e - s for s, e in (_cta_range(c, **kw) for c in range(n_cta)))
