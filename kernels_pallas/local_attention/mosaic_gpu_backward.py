@@ -149,12 +149,13 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   Ref [B, Tp, H, D], each warpgroup also forms every visited pair's dq
   contribution dS K ([64, D] float32, unscaled; dS^T goes to SMEM, where it
   is dk's A operand, and its transpose dq's) and adds it into dq_acc with a
-  TMA reduce-add from a [64, D] float32 SMEM buffer. With GQA that buffer
-  also stages dk and dv, so D == V is needed there. Interpret mode has no
-  TMA reductions: dq_acc is [2, B, Tp, H, D], one slice per compute
-  warpgroup (the two run concurrently and visit the same query tile at the
-  same step), added to by a plain GMEM read-modify-write (the interpreter
-  runs the grid's CTAs one after another).
+  TMA reduce-add from a float32 SMEM buffer, in [64, 64] pieces with MHA
+  and whole with GQA, where that buffer also stages dk and dv (so D == V is
+  needed there). Interpret mode has no TMA reductions: dq_acc is
+  [2, B, Tp, H, D], one slice per compute warpgroup (the two run
+  concurrently and visit the same query tile at the same step), added to by
+  a plain GMEM read-modify-write (the interpreter runs the grid's CTAs one
+  after another).
   """
   b, tp, h, d = q.shape
   hkv, dv = k.shape[2], v.shape[-1]
@@ -278,8 +279,8 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
   tile16 = plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)
   scratch = [plgpu.SMEM((_WGS, bk, d), dtype, transforms=_TILED),
              plgpu.SMEM((_WGS, bk, dv), dtype, transforms=_TILED),
-             (plgpu.SMEM((_WGS, bq, dq_cols if group == 1 else d),
-                         jnp.float32, transforms=_TILED32)
+             (plgpu.SMEM((_WGS, bq, dq_cols), jnp.float32,
+                         transforms=_TILED32)
               if fused
               else common.dkv_staging(group, _WGS, bk, d, dv)),
              tile16 if fused or interp is not None else None,   # dS^T
