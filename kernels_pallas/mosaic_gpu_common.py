@@ -36,6 +36,21 @@ LANE_PARAMS = plgpu.CompilerParams(
     approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
+TILES_FASTEST = True   # False: the old order (batch fastest), for the A/B of 5f
+
+
+def tile_grid(tile_axis, n_tiles, h, b):
+  """`plgpu.kernel`'s grid and grid_names for one CTA per (tile, head,
+  batch), the tile axis launching fastest. Pallas launches its last grid
+  axis fastest (it becomes CUDA's x), so with the tile axis last the CTAs
+  of one (batch, head), which read the same K and V (or Q and dO), run in
+  the same wave and find them in L2; with batch fastest each wave read
+  every head's K and V from DRAM again (BENCHMARKS.md section 5f)."""
+  if TILES_FASTEST:
+    return dict(grid=(b, h, n_tiles), grid_names=("batch", "heads", tile_axis))
+  return dict(grid=(n_tiles, h, b), grid_names=(tile_axis, "heads", "batch"))
+
+
 def interpret_params(interpret):
   """`plgpu.kernel`'s interpret= from a kernel's argument: False -> None
   (compile for the GPU), True -> default `plgpu.InterpretGPUParams()`, an

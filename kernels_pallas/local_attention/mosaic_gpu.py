@@ -231,7 +231,7 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
       swa_forward,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
-      grid=(n, h, b), grid_names=("q", "heads", "batch"),
+      **common.tile_grid("q", n, h, b),
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v)
@@ -333,7 +333,7 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
       swa_forward_ws,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
-      grid=(tp // bq // _WGS, h, b), grid_names=("q", "heads", "batch"),
+      **common.tile_grid("q", tp // bq // _WGS, h, b),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,

@@ -111,7 +111,7 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
   return plgpu.kernel(
       swa_dq, out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                         jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
-      grid=(n, h, b), grid_names=("q", "heads", "batch"),
+      **common.tile_grid("q", n, h, b),
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v, do, o, lse)
@@ -292,7 +292,7 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
       swa_dkv,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype)),
-      grid=(n // _WGS, h, b), grid_names=("kv", "heads", "batch"),
+      **common.tile_grid("kv", n // _WGS, h, b),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,

@@ -200,10 +200,12 @@ def _stage(lay, interp, dtype, n_a_operands, partner_cols):
 
 def _kernel_call(kernel, out_type, grid_names, lay, b, h, scratch, interp,
                  *args):
-  """plgpu.kernel over grid (tiles, H, B), one warpgroup a CTA."""
+  """plgpu.kernel over (tiles, H, B) (`common.tile_grid`), one warpgroup a
+  CTA; grid_names[0] names the tile axis."""
   return plgpu.kernel(
-      kernel, out_type=out_type, grid=(lay.n_tiles, h, b),
-      grid_names=grid_names, scratch_types=tuple(scratch),
+      kernel, out_type=out_type,
+      **common.tile_grid(grid_names[0], lay.n_tiles, h, b),
+      scratch_types=tuple(scratch),
       compiler_params=common.LANE_PARAMS, interpret=interp)(*args)
 
 

@@ -70,7 +70,6 @@ from __future__ import annotations
 import functools
 
 import jax
-from jax import lax
 import jax.experimental.pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
@@ -256,7 +255,7 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
   return plgpu.kernel(
       sigmoid_forward,
       out_type=jax.ShapeDtypeStruct((b, tqp, h, dv), dtype),
-      grid=(tqp // bq // _WGS, h, b), grid_names=("q", "heads", "batch"),
+      **common.tile_grid("q", tqp // bq // _WGS, h, b),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
       interpret=interp,
@@ -346,7 +345,7 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
       sigmoid_dq,
       out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                 jax.ShapeDtypeStruct((b, h, tqp), jnp.float32)),
-      grid=(tqp // _BLOCK // _WGS, h, b), grid_names=("q", "heads", "batch"),
+      **common.tile_grid("q", tqp // _BLOCK // _WGS, h, b),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
       interpret=interp,
@@ -439,7 +438,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
       sigmoid_dkv,
       out_type=(jax.ShapeDtypeStruct((b, tkp, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, tkp, h, dv), out_dtype)),
-      grid=(tkp // _BLOCK // _WGS, h, b), grid_names=("kv", "heads", "batch"),
+      **common.tile_grid("kv", tkp // _BLOCK // _WGS, h, b),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=common.LANE_PARAMS,
       interpret=interp,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import mosaic_gpu_common as common
 from kernels_pallas.sigmoid_attention import mosaic_gpu as sig_gpu
 from tests.oracles.sigmoid_attention import sigmoid_attention as oracle
 
@@ -123,6 +124,26 @@ def test_interpret_without_pingpong_matches_oracle(tq, tk, h, hkv, d, dv,
                             _grads(fn, q, k, v, bias, w),
                             _grads(ref, q, k, v, bias, w)):
     _check_close(g, g_ref, name)
+
+
+def test_interpret_launch_order_changes_nothing(monkeypatch):
+  # common.tile_grid launches a (batch, head)'s tiles together (the tile
+  # axis last in the grid); with the old order (batch fastest) the three
+  # kernels must give the same bits: no kernel may depend on which grid
+  # axis comes first. Batch 2, GQA, causal.
+  q, k, v, w, bias = _inputs(150, 150, 4, 2, 64, 64, jnp.bfloat16, b=2)
+  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
+      q, k, v, b, left=None, right=0, scale=0.2, interpret=True)
+  def run():
+    jax.clear_caches()
+    return [np.asarray(x, np.float32) for x in
+            (fn(q, k, v, bias), *_grads(fn, q, k, v, bias, w))]
+  tiles_fastest = run()
+  monkeypatch.setattr(common, "TILES_FASTEST", False)
+  batch_fastest = run()
+  for name, a, b in zip(("o", "dq", "dk", "dv", "dbias"), tiles_fastest,
+                        batch_fastest):
+    np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 @pytest.mark.parametrize("pingpong", [False, True])
