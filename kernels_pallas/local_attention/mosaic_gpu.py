@@ -34,13 +34,14 @@ T - 1)] (q1 = its last real query), so a CTA visits only the key tiles
 the math (see below for the one load a skipped step still issues).
 
 Kernels. The forward and dq kernels have one warpgroup = one CTA per
-(query tile, head, batch), grid (tiles, H, B); each pipeline is a
-`plgpu.emit_pipeline` over a static number of steps (the largest range of
-any CTA); step i loads tile start + i (clamped to the last tile) with TMA,
-double-buffered, and a CTA whose range is shorter skips its extra steps
-(`lax.cond`, no math; the TMA load of such a step, a clamped tile, still
-happens and is ignored: only CTAs near the sequence ends have shorter
-ranges). The dk/dv kernel is warp-specialized
+(query tile, head, batch), grid (B, H, tiles) (`common.tile_grid`: a
+(batch, head)'s tiles launch together and share K, V in L2); each
+pipeline is a `plgpu.emit_pipeline` over a static number of steps (the
+largest range of any CTA); step i loads tile start + i (clamped to the
+last tile) with TMA, double-buffered, and a CTA whose range is shorter
+skips its extra steps (`lax.cond`, no math; the TMA load of such a step,
+a clamped tile, still happens and is ignored: only CTAs near the sequence
+ends have shorter ranges). The dk/dv kernel is warp-specialized
 (`plgpu.emit_pipeline_warp_specialized`): a CTA holds two key tiles, one per
 compute warpgroup, and a third warpgroup streams the union of their query
 tile ranges (`_cta_range`), which both compute warpgroups read, each
