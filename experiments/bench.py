@@ -48,6 +48,7 @@ import numpy as np
 
 import attnlib as al
 import kernel_profile
+from kernels_pallas import mosaic_gpu_common
 from kernels_pallas.local_attention import mosaic_gpu as swa_mosaic_gpu
 from kernels_pallas.sigmoid_attention import mosaic_gpu as sigmoid_mosaic_gpu
 
@@ -69,6 +70,9 @@ PINGPONG = "mosaic_gpu_pingpong"
 NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
                 "mosaic_gpu_ws_fwd": "warp_specialized"}
+# Any op's mosaic_gpu kernels launched in the old order, batch fastest
+# (`mosaic_gpu_common.TILES_FASTEST` off; BENCHMARKS.md section 5f).
+BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -76,7 +80,8 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "Implementations to time, in order; ratios are against the first. An op "
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
-    f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention).")
+    f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
+    f"{BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -350,6 +355,15 @@ def _memory(fn: Callable, args: tuple) -> dict:
 
 
 def run_one(op: str, seq_len: int, implementation: str) -> dict:
+  if implementation == BATCH_FASTEST:   # traced afresh under the old order
+    jax.clear_caches()
+    mosaic_gpu_common.TILES_FASTEST = False
+    try:
+      row = run_one(op, seq_len, "mosaic_gpu")
+    finally:
+      mosaic_gpu_common.TILES_FASTEST = True
+      jax.clear_caches()
+    return {**row, "implementation": BATCH_FASTEST}
   problem = _make_problem(op, seq_len, jax.random.key(0))
   if implementation in YARDSTICKS:
     if implementation == "cudnn_softmax" and jax.default_backend() != "gpu":
