@@ -198,13 +198,13 @@ def _stage(lay, interp, dtype, n_a_operands, partner_cols):
           + tuple(lay.partner_stage(c, dtype, interp) for c in partner_cols))
 
 
-def _kernel_call(kernel, out_type, grid_names, lay, b, h, scratch, interp,
+def _kernel_call(kernel, out_type, tile_axis, lay, b, h, scratch, interp,
                  *args):
-  """plgpu.kernel over (tiles, H, B) (`common.tile_grid`), one warpgroup a
-  CTA; grid_names[0] names the tile axis."""
+  """plgpu.kernel over (B, H, tiles) (`common.tile_grid`), one warpgroup a
+  CTA; tile_axis names the tile axis ("q" or "kv")."""
   return plgpu.kernel(
       kernel, out_type=out_type,
-      **common.tile_grid(grid_names[0], lay.n_tiles, h, b),
+      **common.tile_grid(tile_axis, lay.n_tiles, h, b),
       scratch_types=tuple(scratch),
       compiler_params=common.LANE_PARAMS, interpret=interp)(*args)
 
@@ -287,7 +287,7 @@ def _forward(q, k, v, lay, *, scale, interpret):
   out_type = (jax.ShapeDtypeStruct(lay.out_shape(h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, lay.plan.n_rows), jnp.float32))
   return _kernel_call(
-      kernel, out_type, ("q", "heads", "batch"), lay, b, h, scratch, interp,
+      kernel, out_type, "q", lay, b, h, scratch, interp,
       q, k, v, tabs["kv_list"], tabs["kv_count"], tabs["bias"])
 
 
@@ -353,7 +353,7 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
              plgpu.Barrier(num_barriers=2),
              _stage(lay, interp, dtype, 1, (d, dv))]
   return _kernel_call(
-      kernel, jax.ShapeDtypeStruct(q.shape, dtype), ("q", "heads", "batch"),
+      kernel, jax.ShapeDtypeStruct(q.shape, dtype), "q",
       lay, b, h, scratch, interp, q, k, v, do, lse, delta,
       tabs["kv_list"], tabs["kv_count"], tabs["bias"])
 
@@ -434,7 +434,7 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
   out_type = (jax.ShapeDtypeStruct(shape(d), out_dtype),
               jax.ShapeDtypeStruct(shape(dv), out_dtype))
   return _kernel_call(
-      kernel, out_type, ("kv", "heads", "batch"), lay, b, h, scratch, interp,
+      kernel, out_type, "kv", lay, b, h, scratch, interp,
       q, k, v, do, lse, delta, tabs["q_list"], tabs["q_count"],
       tabs["bias_t"])
 
