@@ -70,9 +70,16 @@ PINGPONG = "mosaic_gpu_pingpong"
 NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
                 "mosaic_gpu_ws_fwd": "warp_specialized"}
-# Any op's mosaic_gpu kernels launched in the old order, batch fastest
-# (`mosaic_gpu_common.TILES_FASTEST` off; BENCHMARKS.md section 5f).
+# Module switches traced afresh for one row: any op's mosaic_gpu kernels
+# launched in the old order, batch fastest (`mosaic_gpu_common.TILES_FASTEST`
+# off; BENCHMARKS.md section 5f), and sigmoid_attention's kernels with 2^t in
+# packed bf16 (`EX2_BF16`, section 5g).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
+EX2_BF16 = "mosaic_gpu_ex2_bf16"
+SWITCHES = {
+    BATCH_FASTEST: (mosaic_gpu_common, "TILES_FASTEST", False),
+    EX2_BF16: (sigmoid_mosaic_gpu, "EX2_BF16", frozenset({"fwd", "dq", "dkv"})),
+}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -81,7 +88,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
-    f"{BATCH_FASTEST} (any op's mosaic_gpu).")
+    f"{BATCH_FASTEST} (any op's mosaic_gpu), {EX2_BF16} (sigmoid_attention).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -355,15 +362,17 @@ def _memory(fn: Callable, args: tuple) -> dict:
 
 
 def run_one(op: str, seq_len: int, implementation: str) -> dict:
-  if implementation == BATCH_FASTEST:   # traced afresh under the old order
+  if implementation in SWITCHES:   # mosaic_gpu traced afresh, switch set
+    module, name, value = SWITCHES[implementation]
+    default = getattr(module, name)
     jax.clear_caches()
-    mosaic_gpu_common.TILES_FASTEST = False
+    setattr(module, name, value)
     try:
       row = run_one(op, seq_len, "mosaic_gpu")
     finally:
-      mosaic_gpu_common.TILES_FASTEST = True
+      setattr(module, name, default)
       jax.clear_caches()
-    return {**row, "implementation": BATCH_FASTEST}
+    return {**row, "implementation": implementation}
   problem = _make_problem(op, seq_len, jax.random.key(0))
   if implementation in YARDSTICKS:
     if implementation == "cudnn_softmax" and jax.default_backend() != "gpu":
