@@ -282,7 +282,7 @@ def _kernel_impl(module):
   zero value columns are sliced off, also from the state)."""
   @functools.partial(jax.jit, static_argnames=("scale", "interpret"))
   def impl(q, k, v, scale, initial_state, *, interpret):
-    b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[-1], v.shape[-1]
+    b, d, dv = k.shape[0], k.shape[-1], v.shape[-1]
     h = q.shape[-2]
     q = jnp.broadcast_to(q, (b, h, d))
     if initial_state is None:

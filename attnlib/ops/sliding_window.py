@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from attnlib.ops import _blocked
 from attnlib.ops import _checks

@@ -93,7 +93,7 @@ def _image_dims(spatial, dilation):
 
 def _image_perm(spatial, dilation):
   """Plan rows of the "image" layout: token of row r (-1: padding)."""
-  (hs, ws), (d0, d1) = spatial, dilation
+  (_, ws), (d0, d1) = spatial, dilation
   n0, ntr, ntc = _image_dims(spatial, dilation)
   t, i, j = np.meshgrid(np.arange(d0 * d1 * ntr * ntc), np.arange(P),
                         np.arange(P), indexing="ij")

@@ -272,7 +272,7 @@ _PARAMS = pltpu.CompilerParams(
 def _fwd_call(q, k, v, bias, *, band, scale, block_q, block_k, interpret):
   """-> o [B, H, Tqp, V] in q.dtype."""
   b, h, tqp, d = q.shape
-  hkv, tkp, dv = k.shape[1], k.shape[2], v.shape[-1]
+  hkv, dv = k.shape[1], v.shape[-1]
   rep = h // hkv
   start, count = band.ranges(block_q, block_k)
   sq = pl.Squeezed()
