@@ -71,15 +71,10 @@ NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
                 "mosaic_gpu_ws_fwd": "warp_specialized"}
 # Module switches traced afresh for one row: any op's mosaic_gpu kernels
-# launched in the old order, batch fastest (`mosaic_gpu_common.TILES_FASTEST`
-# off; BENCHMARKS.md section 5f), and sigmoid_attention's kernels with 2^t in
-# packed bf16 (`EX2_BF16`, section 5g).
+# launched batch fastest (`mosaic_gpu_common.TILES_FASTEST` off; BENCHMARKS.md
+# sections 5f, 5h).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
-EX2_BF16 = "mosaic_gpu_ex2_bf16"
-SWITCHES = {
-    BATCH_FASTEST: (mosaic_gpu_common, "TILES_FASTEST", False),
-    EX2_BF16: (sigmoid_mosaic_gpu, "EX2_BF16", frozenset({"fwd", "dq", "dkv"})),
-}
+SWITCHES = {BATCH_FASTEST: (mosaic_gpu_common, "TILES_FASTEST", False)}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -88,7 +83,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
-    f"{BATCH_FASTEST} (any op's mosaic_gpu), {EX2_BF16} (sigmoid_attention).")
+    f"{BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "

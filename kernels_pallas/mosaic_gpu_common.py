@@ -36,17 +36,20 @@ LANE_PARAMS = plgpu.CompilerParams(
     approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
-TILES_FASTEST = True   # False: the old order (batch fastest), for the A/B of 5f
+TILES_FASTEST = True   # False: every kernel batch fastest (bench.py's A/B)
 
 
-def tile_grid(tile_axis, n_tiles, h, b):
+def tile_grid(tile_axis, n_tiles, h, b, tiles_fastest=True):
   """`plgpu.kernel`'s grid and grid_names for one CTA per (tile, head,
-  batch), the tile axis launching fastest. Pallas launches its last grid
-  axis fastest (it becomes CUDA's x), so with the tile axis last the CTAs
-  of one (batch, head), which read the same K and V (or Q and dO), run in
-  the same wave and find them in L2; with batch fastest each wave read
-  every head's K and V from DRAM again (BENCHMARKS.md section 5f)."""
-  if TILES_FASTEST:
+  batch), the tile axis launching fastest unless `tiles_fastest` is False.
+  Pallas launches its last grid axis fastest (it becomes CUDA's x), so with
+  the tile axis last the CTAs of one (batch, head), which read the same K
+  and V (or Q and dO), run in the same wave and find them in L2; with batch
+  fastest each wave read every head's K and V from DRAM again (BENCHMARKS.md
+  sections 5f, 5h: sigmoid 1.14x faster tiles fastest). Kernels whose
+  tiles read little in common (narrow sliding windows) run batch fastest,
+  which measured faster there (5h)."""
+  if TILES_FASTEST and tiles_fastest:
     return dict(grid=(b, h, n_tiles), grid_names=("batch", "heads", tile_axis))
   return dict(grid=(n_tiles, h, b), grid_names=(tile_axis, "heads", "batch"))
 

@@ -35,7 +35,8 @@ the math (see below for the one load a skipped step still issues).
 
 Kernels. The forward and dq kernels have one warpgroup = one CTA per
 (query tile, head, batch), grid (B, H, tiles) (`common.tile_grid`: a
-(batch, head)'s tiles launch together and share K, V in L2); each
+(batch, head)'s tiles launch together and share K, V in L2) for windows of
+1024 keys or more, (tiles, H, B) below (`tiles_fastest`, measured); each
 pipeline is a `plgpu.emit_pipeline` over a static number of steps (the
 largest range of any CTA); step i loads tile start + i (clamped to the
 last tile) with TMA, double-buffered, and a CTA whose range is shorter
@@ -125,7 +126,7 @@ from kernels_pallas import mosaic_gpu_common as common
 from kernels_pallas.local_attention.mosaic_gpu_band import (
     _BLOCK, _LOG2E, _MASK, _MEMORY_REGS, _PAD, _PARAMS, _ROWS, _TILED, _WGMMA,
     _WGS, _a_operand, _bcast, _cta_steps, _edge_mask, _interior, _max_steps,
-    _products, _skip_or, _visible, tile_range)
+    _WS_MIN_WIDTH, _products, _skip_or, _visible, tile_range, tiles_fastest)
 from kernels_pallas.local_attention.mosaic_gpu_backward import (
     _backward_dkv, _backward_dkv_persistent, _backward_dq, _backward_fused)
 
@@ -232,7 +233,7 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
       swa_forward,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
-      **common.tile_grid("q", n, h, b),
+      **common.tile_grid("q", n, h, b, tiles_fastest(left, right)),
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v)
@@ -334,7 +335,8 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
       swa_forward_ws,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, dv), dtype),
                 jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
-      **common.tile_grid("q", tp // bq // _WGS, h, b),
+      **common.tile_grid("q", tp // bq // _WGS, h, b,
+                         tiles_fastest(left, right)),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
@@ -347,7 +349,6 @@ BACKWARDS = ("split", "persistent", "fused")   # the first is the default
 # former is 1.01x / 1.02x at 1024 / 2048 (forward alone 1.18x) and 0.94x /
 # 0.96x at 128 / 512 (BENCHMARKS.md section 4l).
 FORWARDS = ("auto", "single", "warp_specialized")
-_WS_MIN_WIDTH = 1024
 
 
 def _forward_kernel(forward, left, right):

@@ -19,7 +19,7 @@ from kernels_pallas import mosaic_gpu_common as common
 from kernels_pallas.local_attention.mosaic_gpu_band import (
     _BLOCK, _COLS, _LOG2E, _MEMORY_REGS, _PARAMS, _ROWS, _TILED, _TILED32,
     _WGMMA, _WGS, _a_operand, _bcast, _cta_steps, _edge_mask, _interior,
-    _max_steps, _products, _skip_or, _visible, tile_range)
+    _max_steps, _products, _skip_or, _visible, tile_range, tiles_fastest)
 
 
 def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
@@ -111,7 +111,7 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
   return plgpu.kernel(
       swa_dq, out_type=(jax.ShapeDtypeStruct(q.shape, dtype),
                         jax.ShapeDtypeStruct((b, h, tp), jnp.float32)),
-      **common.tile_grid("q", n, h, b),
+      **common.tile_grid("q", n, h, b, tiles_fastest(left, right)),
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,
   )(q, k, v, do, o, lse)
@@ -292,7 +292,8 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
       swa_dkv,
       out_type=(jax.ShapeDtypeStruct((b, tp, h, d), out_dtype),
                 jax.ShapeDtypeStruct((b, tp, h, dv), out_dtype)),
-      **common.tile_grid("kv", n // _WGS, h, b),
+      **common.tile_grid("kv", n // _WGS, h, b,
+                         tiles_fastest(left, right)),
       num_threads=_WGS + 1, thread_name="wg",
       scratch_types=tuple(scratch), compiler_params=_PARAMS,
       interpret=interp,

@@ -20,6 +20,17 @@ _MEMORY_REGS = 40   # registers of its TMA warpgroup
 _PAD = _WGS * _BLOCK   # T is padded to a multiple of this
 _LOG2E = common.LOG2E
 _MASK = common.MASK   # masked (log2-scaled) score; finite on purpose (common)
+_WS_MIN_WIDTH = 1024   # a "wide" window (left + right + 1), see below
+
+
+def tiles_fastest(left, right):
+  """The kernels' launch order (`common.tile_grid`): the tiles of one
+  (batch, head) fastest for windows of at least _WS_MIN_WIDTH keys, where
+  they share K and V (or Q and dO) in L2; batch fastest below. On the H100
+  (BENCHMARKS.md 5h, fwd+bwd) tiles fastest is 1.04-1.05x at w = 2048,
+  batch fastest 1.01-1.02x at 512 and 1.06-1.07x at 128. (mosaic_gpu.py's
+  forward picks its warp-specialized kernel from the same width.)"""
+  return left + right + 1 >= _WS_MIN_WIDTH
 
 
 def tile_range(tile, *, t, back, ahead, block_src=_BLOCK, block_dst=_BLOCK,

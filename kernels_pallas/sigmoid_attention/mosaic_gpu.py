@@ -59,10 +59,6 @@ kernels made forward + backward 0.97-1.04x, so the backward does without.
 p = 1 / (1 + 2^-x) with x = (s + b) log2(e), the reciprocal an approximate
 `rcp` instruction (1 ulp; an IEEE division costs several instructions).
 
-`EX2_BF16` (a set of kernel names, empty by default; an experiment, BENCHMARKS.md
-section 5g): those kernels take 2^t in packed bf16 (`_sigmoid_ex2_bf16`), 1.5
-MUFU ops per score instead of 2, at some precision.
-
 Supported: bfloat16/float16 (float32 raises ValueError; the op then uses
 xla), D and V in (64, 128), any Tq, Tk >= 1. Interpret mode
 (`interpret=True`) runs the same kernels on CPU (wgmma A operands through
@@ -143,38 +139,9 @@ def _sigmoid(x2, interp):
   return common.reciprocal(1.0 + jnp.exp2(-x2), interp)
 
 
-EX2_BF16 = frozenset()   # experiment: kernels ("fwd", "dq", "dkv") taking
-                         # the power of two in packed bf16
-
-
-def _probs(s, c, b2, interp, kernel):
+def _probs(s, c, b2, interp):
   """p = sigmoid(c s + b) of a score tile, b2 = b log2(e) per row."""
-  if kernel in EX2_BF16:
-    return _sigmoid_ex2_bf16(s * -c, _bcast(jnp.exp2(-b2), s.shape, 0),
-                             interp)
   return _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
-
-
-def _sigmoid_ex2_bf16(t, f, interp):
-  """sigmoid = 1 / (1 + 2^t f) for t = -scale s log2(e) and the row factor
-  f = 2^(-b log2(e)): 2^t in packed bf16 (`ex2.approx.ftz.bf16x2`, one MUFU
-  op per two scores), f and the reciprocal in float32. The interpreter
-  rounds t and 2^t to bf16 the same way."""
-  if interp is not None:
-    r16 = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
-    return 1.0 / (1.0 + r16(jnp.exp2(r16(t))) * f)
-  from jax._src.lib.mlir import ir   # pylint: disable=g-import-not-at-top
-
-  @plgpu.inline_mgpu(
-      arg_types=(_WGMMA, _WGMMA),
-      return_type=plgpu.ShapeDtypeStruct(t.shape, jnp.float32, layout=_WGMMA))
-  def sig(_, t, f):
-    e = t.astype(ir.BF16Type.get())
-    e = e._pointwise(e._lift_fast_packed_instr(  # pylint: disable=protected-access
-        "ex2.approx.ftz.bf16x2", "ex2.approx.ftz.bf16"))
-    y = e.astype(ir.F32Type.get()) * f + 1.0
-    return y._pointwise(y._lift_fast_instr("rcp.approx.ftz.f32"))  # pylint: disable=protected-access
-  return sig(t, f)
 
 
 def _bias_rows(bias_ref, hh):
@@ -258,7 +225,7 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
           plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0)))
           turns.turn()
         (s,) = _products(qk, [(bq, bk)])
-        p = _probs(s, c, b2, interp, "fwd")
+        p = _probs(s, c, b2, interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * bk, tk=tk, left=left, right=right, keys_on_rows=False,
             shape=(bq, bk)), 0.0)
@@ -348,7 +315,7 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
         s, dp = _products(mma, [(_BLOCK, _BLOCK)] * 2)
-        p = _probs(s, c, b2, interp, "dq")
+        p = _probs(s, c, b2, interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * _BLOCK, tk=tk, left=left, right=right,
             keys_on_rows=False), 0.0)
@@ -438,7 +405,7 @@ def _backward_dkv(q, k, v, bias, do, *, tq, tk, left, right, scale,
           plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
           plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
         st, dpt = _products(mma, [(_BLOCK, _BLOCK)] * 2)   # [keys, queries]
-        pt = _probs(st, c, b2, interp, "dkv")
+        pt = _probs(st, c, b2, interp)
         pt = _edge_mask(pt, interior, lambda: _visible(
             k0, qt * _BLOCK, tk=tk, left=left, right=right,
             keys_on_rows=True), 0.0)

@@ -119,7 +119,8 @@ def test_tile_ranges_are_block_sparse():
 
 # (T, H, Hkv, dtype, left, right): GQA everywhere but one MHA f16 case; T not
 # a multiple of 64 except one; windows (0, 0), causal narrower and wider than
-# a block, asymmetric, causal with interior tiles, full.
+# a block, asymmetric, causal with interior tiles, full, and one wider than
+# _WS_MIN_WIDTH (the other launch order, `tiles_fastest`).
 _CASES = [
     (150, 4, 2, jnp.bfloat16, 0, 0),
     (150, 4, 2, jnp.bfloat16, 100, 0),
@@ -127,6 +128,7 @@ _CASES = [
     (200, 4, 2, jnp.bfloat16, 190, 0),
     (150, 4, 2, jnp.bfloat16, 149, 149),
     (192, 2, 2, jnp.float16, 17, 70),
+    (130, 4, 2, jnp.bfloat16, 1100, 0),
 ]
 
 
@@ -254,6 +256,18 @@ def test_auto_forward_picks_by_window_width():
   assert pick("auto", wide - 2, 0) is swa_gpu._forward  # pylint: disable=protected-access
   assert pick("single", 4095, 0) is swa_gpu._forward  # pylint: disable=protected-access
   assert pick("warp_specialized", 0, 0) is swa_gpu._forward_ws  # pylint: disable=protected-access
+
+
+def test_launch_order_follows_the_window_width():
+  # Batch fastest below _WS_MIN_WIDTH keys, a (batch, head)'s tiles fastest
+  # from there (BENCHMARKS.md 5h); the interpret tests run both orders
+  # (_CASES: the last one wide, the others narrow).
+  from kernels_pallas import mosaic_gpu_common as common  # pylint: disable=g-import-not-at-top
+  wide = swa_gpu._WS_MIN_WIDTH  # pylint: disable=protected-access
+  assert swa_gpu.tiles_fastest(wide - 1, 0) and swa_gpu.tiles_fastest(0, wide - 1)
+  assert not swa_gpu.tiles_fastest(wide // 2, wide // 2 - 2)
+  assert common.tile_grid("q", 8, 4, 2, False)["grid"] == (8, 4, 2)
+  assert common.tile_grid("q", 8, 4, 2, True)["grid"] == (2, 4, 8)
 
 
 def test_interpret_value_dim_differs_gqa():

@@ -145,34 +145,6 @@ def test_interpret_launch_order_changes_nothing(monkeypatch):
     np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def _check_ex2_bf16(monkeypatch, interpret, t, h, hkv, d, b):
-  # EX2_BF16 (all three kernels): the power of two in packed bf16 must still
-  # match the float32 oracle, output and gradients, bias -log T included.
-  monkeypatch.setattr(sig_gpu, "EX2_BF16", frozenset({"fwd", "dq", "dkv"}))
-  jax.clear_caches()
-  q, k, v, w, bias = _inputs(t, t, h, hkv, d, d, jnp.bfloat16, b=b)
-  bias = bias.at[0].set(-np.log(t))
-  fn = lambda q, k, v, b: sig_gpu.sigmoid_attention(
-      q, k, v, b, left=None, right=0, scale=d ** -0.5, interpret=interpret)
-  ref = lambda q, k, v, b: oracle(q, k, v, bias=b, scale=d ** -0.5,
-                                  left=None, right=0)
-  _check_close(jax.jit(fn)(q, k, v, bias), ref(q, k, v, bias), "o")
-  grads = jax.jit(lambda *a: _grads(fn, *a, w))(q, k, v, bias)
-  for name, g, g_ref in zip(("dq", "dk", "dv", "dbias"), grads,
-                            _grads(ref, q, k, v, bias, w)):
-    _check_close(g, g_ref, name)
-  jax.clear_caches()
-
-
-def test_interpret_ex2_bf16_matches_oracle(monkeypatch):
-  _check_ex2_bf16(monkeypatch, True, 200, 2, 1, 64, 1)
-
-
-@gpu_only
-def test_gpu_ex2_bf16_matches_oracle(monkeypatch):
-  _check_ex2_bf16(monkeypatch, False, 2048, 4, 2, 128, 2)
-
-
 @pytest.mark.parametrize("pingpong", [False, True])
 def test_interpret_skipped_tiles_are_never_used(pingpong):
   # Causal, window 10, T = 512: keys 128..255 (the forward's key tile 1 of
