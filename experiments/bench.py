@@ -70,11 +70,9 @@ PINGPONG = "mosaic_gpu_pingpong"
 NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
                 "mosaic_gpu_ws_fwd": "warp_specialized"}
-# Module switches traced afresh for one row: any op's mosaic_gpu kernels
-# launched batch fastest (`mosaic_gpu_common.TILES_FASTEST` off; BENCHMARKS.md
-# sections 5f, 5h).
+# Any op's mosaic_gpu kernels launched in the old order, batch fastest
+# (`mosaic_gpu_common.TILES_FASTEST` off; BENCHMARKS.md section 5f).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
-SWITCHES = {BATCH_FASTEST: (mosaic_gpu_common, "TILES_FASTEST", False)}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -357,17 +355,15 @@ def _memory(fn: Callable, args: tuple) -> dict:
 
 
 def run_one(op: str, seq_len: int, implementation: str) -> dict:
-  if implementation in SWITCHES:   # mosaic_gpu traced afresh, switch set
-    module, name, value = SWITCHES[implementation]
-    default = getattr(module, name)
+  if implementation == BATCH_FASTEST:   # traced afresh under the old order
     jax.clear_caches()
-    setattr(module, name, value)
+    mosaic_gpu_common.TILES_FASTEST = False
     try:
       row = run_one(op, seq_len, "mosaic_gpu")
     finally:
-      setattr(module, name, default)
+      mosaic_gpu_common.TILES_FASTEST = True
       jax.clear_caches()
-    return {**row, "implementation": implementation}
+    return {**row, "implementation": BATCH_FASTEST}
   problem = _make_problem(op, seq_len, jax.random.key(0))
   if implementation in YARDSTICKS:
     if implementation == "cudnn_softmax" and jax.default_backend() != "gpu":

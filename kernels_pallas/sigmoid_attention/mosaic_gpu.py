@@ -133,15 +133,12 @@ def _visible(row0, col0, *, tk, left, right, keys_on_rows,
   return ok
 
 
-def _sigmoid(x2, interp):
-  """sigmoid(x) for x2 = x log2(e): two MUFU operations per element on the
-  GPU (ex2, and rcp through `common.reciprocal`)."""
-  return common.reciprocal(1.0 + jnp.exp2(-x2), interp)
-
-
 def _probs(s, c, b2, interp):
-  """p = sigmoid(c s + b) of a score tile, b2 = b log2(e) per row."""
-  return _sigmoid(s * c + _bcast(b2, s.shape, 0), interp)
+  """p = sigmoid(c s + b) of a score tile (c = scale log2(e), b2 = b log2(e)
+  per row) as 1 / (1 + 2^-(c s + b2)): two MUFU operations per element on
+  the GPU (ex2, and rcp through `common.reciprocal`)."""
+  x2 = s * c + _bcast(b2, s.shape, 0)
+  return common.reciprocal(1.0 + jnp.exp2(-x2), interp)
 
 
 def _bias_rows(bias_ref, hh):
