@@ -17,7 +17,13 @@ Kernel options: for sliding_window_attention "mosaic_gpu_fused_bwd" and
 `pingpong=True`), "mosaic_gpu_single_fwd" and "mosaic_gpu_ws_fwd" (with
 `forward="single"` / `"warp_specialized"` instead of the window-dependent
 "auto"); for sigmoid_attention "mosaic_gpu_no_pingpong" (the Hopper
-kernel with its default `pingpong=True` turned off).
+kernel with its default `pingpong=True` turned off); for
+sliding_window_attention, neighborhood_attention and sigmoid_attention
+"mosaic_gpu_full_exit_wait" (kernels leave once their last stores have
+landed, `mosaic_gpu_common.EXIT_READ_ONLY` off) and "mosaic_gpu_divide"
+(forward outputs acc / l element by element, `NORMALIZE_BY_INVERSE` off),
+"mosaic_gpu_old_epilogue" (both off);
+for any op "mosaic_gpu_batch_fastest" (the old launch order).
 
 Examples:
   # CPU smoke test
@@ -70,9 +76,19 @@ PINGPONG = "mosaic_gpu_pingpong"
 NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
                 "mosaic_gpu_ws_fwd": "warp_specialized"}
-# Any op's mosaic_gpu kernels launched in the old order, batch fastest
-# (`mosaic_gpu_common.TILES_FASTEST` off; BENCHMARKS.md section 5f).
+# Module switches of mosaic_gpu_common, set while one mosaic_gpu row is traced
+# afresh: the old launch order, batch fastest (TILES_FASTEST off;
+# BENCHMARKS.md section 5f), and the epilogues before section 4q (a full wait
+# for the last stores; acc / l divided element by element).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
+FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
+DIVIDE = "mosaic_gpu_divide"
+OLD_EPILOGUE = "mosaic_gpu_old_epilogue"
+SWITCHES = {BATCH_FASTEST: {"TILES_FASTEST": False},
+            FULL_EXIT_WAIT: {"EXIT_READ_ONLY": False},
+            DIVIDE: {"NORMALIZE_BY_INVERSE": False},
+            OLD_EPILOGUE: {"EXIT_READ_ONLY": False,
+                           "NORMALIZE_BY_INVERSE": False}}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -81,7 +97,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
-    f"{BATCH_FASTEST} (any op's mosaic_gpu).")
+    f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -355,15 +371,19 @@ def _memory(fn: Callable, args: tuple) -> dict:
 
 
 def run_one(op: str, seq_len: int, implementation: str) -> dict:
-  if implementation == BATCH_FASTEST:   # traced afresh under the old order
+  if implementation in SWITCHES:   # mosaic_gpu traced afresh, switch set
+    settings = SWITCHES[implementation]
+    defaults = {name: getattr(mosaic_gpu_common, name) for name in settings}
     jax.clear_caches()
-    mosaic_gpu_common.TILES_FASTEST = False
+    for name, value in settings.items():
+      setattr(mosaic_gpu_common, name, value)
     try:
       row = run_one(op, seq_len, "mosaic_gpu")
     finally:
-      mosaic_gpu_common.TILES_FASTEST = True
+      for name, value in defaults.items():
+        setattr(mosaic_gpu_common, name, value)
       jax.clear_caches()
-    return {**row, "implementation": BATCH_FASTEST}
+    return {**row, "implementation": implementation}
   problem = _make_problem(op, seq_len, jax.random.key(0))
   if implementation in YARDSTICKS:
     if implementation == "cudnn_softmax" and jax.default_backend() != "gpu":

@@ -92,6 +92,32 @@ def products(mma, shapes):
   return pl.run_scoped(scoped, *(plgpu.ACC(s, jnp.float32) for s in shapes))
 
 
+# Epilogue switches (on by default; bench.py's "mosaic_gpu_full_exit_wait" and
+# "mosaic_gpu_divide" turn them off for an A/B, BENCHMARKS.md section 4q).
+# EXIT_READ_ONLY: a kernel's last wait for its TMA stores waits until they
+# have read SMEM, not until their writes have landed: the kernel's completion
+# makes the writes visible to whatever runs after it (the CUDA programming
+# guide ends its TMA store example with the same read-only wait).
+# NORMALIZE_BY_INVERSE: o = acc * (1 / l), one division a row, instead of
+# acc / l, an IEEE division (`div.rn.f32`, several instructions) for every
+# element of the accumulator.
+EXIT_READ_ONLY = True
+NORMALIZE_BY_INVERSE = True
+
+
+def wait_stores_at_exit():
+  """The wait for a kernel's (or compute warpgroup's) last TMA stores,
+  after which it touches neither their SMEM nor their GMEM again."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=EXIT_READ_ONLY)
+
+
+def normalize(acc, l):
+  """acc [rows, V] divided by the row sums l [rows] (float32)."""
+  if NORMALIZE_BY_INVERSE:
+    return acc * bcast(1.0 / l, acc.shape, 0)
+  return acc / bcast(l, acc.shape, 0)
+
+
 def bcast(x, shape, dim):
   """A row (dim=0) or column (dim=1) vector broadcast to `shape`."""
   return lax.broadcast_in_dim(x, shape, [dim])
@@ -143,7 +169,7 @@ def store_dkv(dk, dv, dk_dst, dv_dst, *, k_smem, v_smem, staging, wg):
   """TMA-stores the values dk, dv (in their output dtype) to the GMEM refs
   dk_dst, dv_dst through SMEM: K, V's own buffers k_smem, v_smem when
   `staging` (from `dkv_staging`) is None, else warpgroup wg's float32
-  buffers; waits for the stores."""
+  buffers; waits until the stores have read SMEM (`wait_stores_at_exit`)."""
   if staging is None:
     dk_smem, dv_smem = k_smem, v_smem
   elif staging[1] is None:
@@ -156,7 +182,7 @@ def store_dkv(dk, dv, dk_dst, dv_dst, *, k_smem, v_smem, staging, wg):
     smem[...] = value
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(smem, dst)
-  plgpu.wait_smem_to_gmem(0)
+  wait_stores_at_exit()
 
 
 def skip_or(valid, interior, step, carry):

@@ -119,7 +119,10 @@ def test_bench_rejects_a_negative_min_time(tmp_path):
     ("sliding_window_attention", "mosaic_gpu_ws_fwd", ["--window=16"]),
     ("sigmoid_attention", bench.NO_PINGPONG, ["--window=16"]),
     ("sigmoid_attention", bench.NO_PINGPONG, ["--nocausal"]),
-    ("sigmoid_attention", bench.BATCH_FASTEST, ["--nocausal"])])
+    ("sigmoid_attention", bench.BATCH_FASTEST, ["--nocausal"]),
+    ("sliding_window_attention", bench.FULL_EXIT_WAIT, ["--window=16"]),
+    ("neighborhood_attention", bench.DIVIDE,
+     ["--spatial_dims=1", "--kernel_size=3"])])
 def test_bench_kernel_options_in_interpret_mode(op, variant, extra, tmp_path):
   """A kernel-option variant runs (Mosaic GPU interpreter) beside the op's
   own mosaic_gpu row."""

@@ -216,12 +216,12 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
         out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
         init_carry=init)
     m, l, acc = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
-    o_smem[...] = (acc / _bcast(l, (bq, dv), 0)).astype(dtype)
+    o_smem[...] = common.normalize(acc, l).astype(dtype)
     lse_smem[...] = m + jnp.log(l) * _LOG2E
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, pl.ds(q0, bq), hh])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bb, hh, pl.ds(q0, bq)])
-    plgpu.wait_smem_to_gmem(0)
+    common.wait_stores_at_exit()
 
   scratch = [plgpu.SMEM((bq, d), dtype, transforms=_TILED),
              plgpu.SMEM((bq, dv), dtype, transforms=_TILED),
@@ -283,12 +283,12 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
           plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA)))
       turns.end()
       o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]
-      o_smem[...] = (acc / _bcast(l, (bq, dv), 0)).astype(dtype)  # Q done
+      o_smem[...] = common.normalize(acc, l).astype(dtype)  # Q done
       lse_smem[...] = m + jnp.log(l) * _LOG2E
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, rows, hh])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bb, hh, rows])
-      plgpu.wait_smem_to_gmem(0)
+      common.wait_stores_at_exit()
 
     def body(idx, k_smem, v_smem, carry):
       kt = start + idx[0]

@@ -98,7 +98,7 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
     dq_smem[...] = (dq * float(scale)).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bb, rows, hh])
-    plgpu.wait_smem_to_gmem(0)
+    common.wait_stores_at_exit()
 
   scratch = [plgpu.SMEM((bq, d), dtype, transforms=_TILED),
              plgpu.SMEM((bq, dv), dtype, transforms=_TILED),
@@ -391,7 +391,7 @@ def _backward_dkv_persistent(q, k, v, do, lse, delta, *, t, left, right,
           (plgpu.layout_cast(jnp.zeros((bk, d), jnp.float32), _WGMMA),
            plgpu.layout_cast(jnp.zeros((bk, dv), jnp.float32), _WGMMA)))
       turns.end()
-      plgpu.wait_smem_to_gmem(0)
+      common.wait_stores_at_exit()
 
     def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
       j, r, _, qt, ct, kvh, bb = locate(idx[0])

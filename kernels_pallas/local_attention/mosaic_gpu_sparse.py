@@ -273,11 +273,11 @@ def _forward(q, k, v, lay, *, scale, interpret):
     )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
       bias_ref)
     lse_smem[...] = m + jnp.log2(l)
-    o_own.store((acc / _bcast(l, acc.shape, 0)).astype(dtype),   # Q is done
+    o_own.store(common.normalize(acc, l).astype(dtype),   # Q is done
                 lay.own_box(o_ref, bb, qt, hh))
     plgpu.copy_smem_to_gmem(lse_smem,
                             lse_ref.at[bb, hh, pl.ds(qt * BLOCK, BLOCK)])
-    plgpu.wait_smem_to_gmem(0)
+    common.wait_stores_at_exit()
 
   scratch = [lay.own_scratch(d, dtype, interp),
              None if d == dv else lay.own_scratch(dv, dtype, interp),
@@ -346,7 +346,7 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
       bias_ref)
     q_own.store((dq * float(scale)).astype(dtype),       # Q is done
                 lay.own_box(dq_ref, bb, qt, hh))
-    plgpu.wait_smem_to_gmem(0)
+    common.wait_stores_at_exit()
 
   scratch = [lay.own_scratch(d, dtype, interp),
              lay.own_scratch(dv, dtype, interp),
@@ -417,7 +417,7 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
     if staging is None:   # 16-bit: out through K and V's own buffers (done)
       k_own.store(dk, lay.own_box(dk_ref, bb, kt, hh))
       v_own.store(dv_, lay.own_box(dv_ref, bb, kt, hh))
-      plgpu.wait_smem_to_gmem(0)
+      common.wait_stores_at_exit()
     else:                 # float32, plan rows
       rows_k = pl.ds(kt * BLOCK, BLOCK)
       common.store_dkv(dk, dv_, dk_ref.at[bb, rows_k, hh],

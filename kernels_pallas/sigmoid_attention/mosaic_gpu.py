@@ -211,7 +211,7 @@ def _forward(q, k, v, bias, *, tq, tk, left, right, scale, interpret,
       o_smem[...] = acc.astype(dtype)   # (Q is read no more)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem, o_ref.at[bb, rows, hh])
-      plgpu.wait_smem_to_gmem(0)
+      common.wait_stores_at_exit()
 
     def body(idx, k_smem, v_smem, carry):
       kt = start + idx[0]
@@ -301,7 +301,7 @@ def _backward_dq(q, k, v, bias, do, *, tq, tk, left, right, scale,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bb, rows, hh])
       plgpu.copy_smem_to_gmem(dsum_smem2.at[wg], dsum_ref.at[bb, hh, rows])
-      plgpu.wait_smem_to_gmem(0)
+      common.wait_stores_at_exit()
 
     def body(idx, k_smem, v_smem, carry):
       kt = start + idx[0]
