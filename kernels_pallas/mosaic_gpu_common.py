@@ -106,8 +106,10 @@ NORMALIZE_BY_INVERSE = True
 
 
 def wait_stores_at_exit():
-  """The wait for a kernel's (or compute warpgroup's) last TMA stores,
-  after which it touches neither their SMEM nor their GMEM again."""
+  """The wait after the last TMA stores of a kernel, a compute warpgroup or
+  a persistent CTA's work item: until they have read SMEM (EXIT_READ_ONLY;
+  else until their writes have landed), so that SMEM may be released or
+  reused. The caller never reads their GMEM destinations afterwards."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=EXIT_READ_ONLY)
 
 
