@@ -96,8 +96,9 @@ def products(mma, shapes):
 # "mosaic_gpu_divide" turn them off for an A/B, BENCHMARKS.md section 4q).
 # EXIT_READ_ONLY: a kernel's last wait for its TMA stores waits until they
 # have read SMEM, not until their writes have landed: the kernel's completion
-# makes the writes visible to whatever runs after it (the CUDA programming
-# guide ends its TMA store example with the same read-only wait).
+# makes the writes visible to whatever runs after it. (Triton's Gluon
+# `store_wait` waits read-only by default and asks for the full wait only
+# where TMA writes pass messages between CTAs, which no kernel here does.)
 # NORMALIZE_BY_INVERSE: o = acc * (1 / l), one division a row, instead of
 # acc / l, an IEEE division (`div.rn.f32`, several instructions) for every
 # element of the accumulator.
