@@ -22,7 +22,9 @@ sliding_window_attention, neighborhood_attention and sigmoid_attention
 "mosaic_gpu_full_exit_wait" (kernels leave once their last stores have
 landed, `mosaic_gpu_common.EXIT_READ_ONLY` off) and "mosaic_gpu_divide"
 (forward outputs acc / l element by element, `NORMALIZE_BY_INVERSE` off),
-"mosaic_gpu_old_epilogue" (both off);
+"mosaic_gpu_old_epilogue" (both off); for neighborhood_attention
+"mosaic_gpu_bias_mask" (the forward adds [64, 64] bias tiles instead of
+its mask matmul, `mosaic_gpu_sparse.MASK_AS_MATMUL` off);
 for any op "mosaic_gpu_batch_fastest" (the old launch order).
 
 Examples:
@@ -56,6 +58,7 @@ import attnlib as al
 import kernel_profile
 from kernels_pallas import mosaic_gpu_common
 from kernels_pallas.local_attention import mosaic_gpu as swa_mosaic_gpu
+from kernels_pallas.local_attention import mosaic_gpu_sparse as na_mosaic_gpu
 from kernels_pallas.sigmoid_attention import mosaic_gpu as sigmoid_mosaic_gpu
 
 OPS = ("linear_attention", "sliding_window_attention", "neighborhood_attention",
@@ -76,19 +79,24 @@ PINGPONG = "mosaic_gpu_pingpong"
 NO_PINGPONG = "mosaic_gpu_no_pingpong"
 SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
                 "mosaic_gpu_ws_fwd": "warp_specialized"}
-# Module switches of mosaic_gpu_common, set while one mosaic_gpu row is traced
-# afresh: the old launch order, batch fastest (TILES_FASTEST off;
-# BENCHMARKS.md section 5f), and the epilogues before section 4q (a full wait
-# for the last stores; acc / l divided element by element).
+# Module switches, set while one mosaic_gpu row is traced afresh: the old
+# launch order, batch fastest (mosaic_gpu_common.TILES_FASTEST off;
+# BENCHMARKS.md section 5f), the epilogues before section 4q (a full wait
+# for the last stores; acc / l divided element by element), and the
+# neighborhood forward's bias tiles instead of its mask matmul (section 4r;
+# mosaic_gpu_sparse.MASK_AS_MATMUL off).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
 DIVIDE = "mosaic_gpu_divide"
 OLD_EPILOGUE = "mosaic_gpu_old_epilogue"
-SWITCHES = {BATCH_FASTEST: {"TILES_FASTEST": False},
-            FULL_EXIT_WAIT: {"EXIT_READ_ONLY": False},
-            DIVIDE: {"NORMALIZE_BY_INVERSE": False},
-            OLD_EPILOGUE: {"EXIT_READ_ONLY": False,
-                           "NORMALIZE_BY_INVERSE": False}}
+NA_BIAS_MASK = "mosaic_gpu_bias_mask"
+_COMMON = mosaic_gpu_common
+SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
+            FULL_EXIT_WAIT: {(_COMMON, "EXIT_READ_ONLY"): False},
+            DIVIDE: {(_COMMON, "NORMALIZE_BY_INVERSE"): False},
+            OLD_EPILOGUE: {(_COMMON, "EXIT_READ_ONLY"): False,
+                           (_COMMON, "NORMALIZE_BY_INVERSE"): False},
+            NA_BIAS_MASK: {(na_mosaic_gpu, "MASK_AS_MATMUL"): False}}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -97,7 +105,8 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
-    f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {BATCH_FASTEST} (any op's mosaic_gpu).")
+    f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {NA_BIAS_MASK} "
+    f"(neighborhood_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "
@@ -373,15 +382,15 @@ def _memory(fn: Callable, args: tuple) -> dict:
 def run_one(op: str, seq_len: int, implementation: str) -> dict:
   if implementation in SWITCHES:   # mosaic_gpu traced afresh, switch set
     settings = SWITCHES[implementation]
-    defaults = {name: getattr(mosaic_gpu_common, name) for name in settings}
+    defaults = {key: getattr(*key) for key in settings}
     jax.clear_caches()
-    for name, value in settings.items():
-      setattr(mosaic_gpu_common, name, value)
+    for (module, name), value in settings.items():
+      setattr(module, name, value)
     try:
       row = run_one(op, seq_len, "mosaic_gpu")
     finally:
-      for name, value in defaults.items():
-        setattr(mosaic_gpu_common, name, value)
+      for (module, name), value in defaults.items():
+        setattr(module, name, value)
       jax.clear_caches()
     return {**row, "implementation": implementation}
   problem = _make_problem(op, seq_len, jax.random.key(0))

@@ -122,13 +122,16 @@ def test_bench_rejects_a_negative_min_time(tmp_path):
     ("sigmoid_attention", bench.BATCH_FASTEST, ["--nocausal"]),
     ("sliding_window_attention", bench.FULL_EXIT_WAIT, ["--window=16"]),
     ("neighborhood_attention", bench.DIVIDE,
-     ["--spatial_dims=1", "--kernel_size=3"])])
+     ["--spatial_dims=1", "--kernel_size=3"]),
+    ("neighborhood_attention", bench.NA_BIAS_MASK,
+     ["--spatial_dims=2", "--kernel_size=3", "--seq_len=16"])])
 def test_bench_kernel_options_in_interpret_mode(op, variant, extra, tmp_path):
   """A kernel-option variant runs (Mosaic GPU interpreter) beside the op's
   own mosaic_gpu row."""
   cmd = [sys.executable, str(ROOT / "experiments" / "bench.py"), f"--op={op}",
-         "--batch=1", "--heads=1", "--head_dim=64", "--seq_len=128",
-         "--dtype=bfloat16", "--iters=1", "--repeats=1", "--warmup=0",
+         "--batch=1", "--heads=1", "--head_dim=64",
+         *([] if any(x.startswith("--seq_len") for x in extra)
+           else ["--seq_len=128"]), "--dtype=bfloat16", "--iters=1", "--repeats=1", "--warmup=0",
          "--mode=fwd_bwd", "--interpret", "--implementation=mosaic_gpu",
          f"--implementation={variant}", f"--out={tmp_path}", *extra]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))

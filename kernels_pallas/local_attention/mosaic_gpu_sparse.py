@@ -81,6 +81,25 @@ masks evaluated in the kernel (2A comparisons an element, behind a branch
 on an interior flag): the three kernels together 1.09-1.36x faster on
 the H200, dq up to 1.57x (BENCHMARKS.md 4f).
 
+Masks as a thin matmul (`MASK_AS_MATMUL`, the default where it applies;
+BENCHMARKS.md 4r). A neighborhood is a box, and a query's interval along
+axis a depends only on its coordinate along a, so a tile's 64 query rows
+have few distinct intervals per axis (8 + 8 in an 8 x 8 tile, 4 + 4 + 4 in
+4 x 4 x 4). `plan.mask_factors` numbers them (the row's *classes*) and
+gives every visited pair a [64 keys, 16] tile F: F[c, j] says whether key
+c lies in the interval of class j. With Q1 = z one-hot(classes) [64, 16]
+(per query tile) and K1 = where(F, 0, -w) [64, 16] (per pair, deduplicated
+like the bias tiles), the bias of the pair is exactly Q1 K1^T: 0 where
+visible, -z w per failing axis elsewhere. The kernels issue that k = 16
+wgmma into the scores' accumulator after Q K^T (dk/dv: K1 Q1^T after
+K Q^T), so a step loads 2 KiB of mask instead of 8 and does no
+per-element bias load, conversion or add; s' = s log2(e) scale. z w is
+2^100 / (log2(e) scale) for bfloat16 (z = 1) and 2^31 for float16
+(z = 2^15, w = 65504; used while 2^31 log2(e) scale >= 2^20); the forward
+floors the running max at -z w log2(e) scale / 256 (`_factor_tables`).
+Tiles with more than 16 classes (1-D tiles of 64 tokens) keep the bias
+tiles.
+
 Kernels (one warpgroup per CTA; every matmul a wgmma with float32
 accumulation; P and dS rounded to the input dtype before their matmul):
 
@@ -154,16 +173,74 @@ def _tables(plan):
   i32 = lambda x: jnp.asarray(np.ascontiguousarray(x), jnp.int32)
   bias = np.where(masks.tiles, 0.0, common.MASK).astype(np.float32)
   as_rows = lambda x: jnp.asarray(x.reshape(-1, BLOCK), jnp.bfloat16)
-  def lists(tiles, ids):   # [n, 2, W]: partner tiles, mask ids; W % 16 == 0
-    width = -(-tiles.shape[1] // 16) * 16   # rows of 128 bytes (one copy)
-    out = np.stack([tiles, ids], axis=1)
-    return i32(np.pad(out, ((0, 0), (0, 0), (0, width - tiles.shape[1])),
-                      mode="edge"))
-  return dict(kv_list=lists(plan.kv_tiles, masks.kv_ids),
+  return dict(kv_list=_lists(plan.kv_tiles, masks.kv_ids),
               kv_count=i32(plan.kv_count),
-              q_list=lists(plan.q_tiles, masks.q_ids),
+              q_list=_lists(plan.q_tiles, masks.q_ids),
               q_count=i32(plan.q_count),
               bias=as_rows(bias), bias_t=as_rows(bias.transpose(0, 2, 1)))
+
+
+# The kernels add each pair's mask as a thin matmul beside Q K^T (module
+# docstring, "Masks as a thin matmul"). False: bias tiles everywhere
+# (bench.py's "mosaic_gpu_bias_mask").
+MASK_AS_MATMUL = True
+FACTOR_COLS = 16
+# [rows, 16] 16-bit SMEM tiles (32-byte rows) as wgmma and TMA want them.
+_THIN = (plgpu.TilingTransform((8, FACTOR_COLS)), plgpu.SwizzleTransform(32))
+
+
+def _factor_tables(plan, dtype, c):
+  """The forward's mask factors as device arrays (`MASK_AS_MATMUL`), or
+  None (switch off, a plan with over FACTOR_COLS interval classes a tile,
+  e.g. 1-D tiles of 64, or a scale the masked value cannot swamp).
+
+  q1 = z one-hot classes [R, 16], k1 = 0 / -w [U * 64, 16] in the input
+  dtype: a masked score gets -z w (once per failing axis) before the
+  multiplication by c (> 0), so z w c must dwarf any real score: bfloat16
+  z = 1, w = 2^100 / c (a bias of about -2^100 in log2 units, like
+  common.MASK); float16 z = 2^15, w = 65504 (its largest; -2^31 c), used
+  while that is at least 2^20 in log2 units. With these the products and
+  their float32 sums are exact, and a visible score gains exact zeros.
+
+  "floor" (= -z w c / 256, log2 units) bounds the running max from below.
+  The compilers may fuse s c - m into one FMA (exact s c, rounded m): in
+  a row whose keys so far are all masked, m = rowmax(s) c ~ -z w c is off
+  by up to an ulp of that, about 2^-24 z w c, and 2^(s c - m) could be
+  2^(+1e22). With m >= floor every masked term is 2^(<= -z w c / 2) = 0;
+  real scores are assumed above the floor (bfloat16: -2^92; float16:
+  -2^23 c, at least -4096)."""
+  if not MASK_AS_MATMUL or c <= 0:
+    return None
+  fac = plan_lib.mask_factors(plan, FACTOR_COLS)
+  if fac is None:
+    return None
+  if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+    z, w = 1.0, 2.0 ** 100 / c
+    if not 2.0 ** 100 <= w < 2.0 ** 127:
+      return None
+  else:
+    z, w = 2.0 ** 15, 65504.0
+    if z * w * c < 2.0 ** 20:
+      return None
+  i32 = lambda x: jnp.asarray(np.ascontiguousarray(x), jnp.int32)
+  return dict(
+      floor=-z * w * c / 256,
+      q1=jnp.asarray(np.where(fac.q_class, z, 0.0), dtype),
+      k1=jnp.asarray(np.where(fac.tiles, 0.0, -w).reshape(-1, FACTOR_COLS),
+                     dtype),
+      kv_list=_lists(plan.kv_tiles, fac.kv_ids),
+      kv_count=i32(plan.kv_count),
+      q_list=_lists(plan.q_tiles, fac.q_ids),
+      q_count=i32(plan.q_count))
+
+
+def _lists(tiles, ids):
+  """[n, 2, W] int32: per tile its partner tiles and their mask ids (W a
+  multiple of 16: rows of 128 bytes, one copy)."""
+  width = -(-tiles.shape[1] // 16) * 16
+  out = np.stack([tiles, ids], axis=1)
+  return jnp.asarray(np.pad(out, ((0, 0), (0, 0), (0, width - out.shape[2])),
+                            mode="edge"), jnp.int32)
 
 
 def _list_smem(tabs, name):
@@ -171,7 +248,7 @@ def _list_smem(tabs, name):
   return plgpu.SMEM(tabs[name].shape[1:], jnp.int32)
 
 
-def _partner_specs(lay, cta_list, cols):
+def _partner_specs(lay, cta_list, cols, mask_cols=BLOCK):
   """Pipeline blocks of step i: the partner tile cta_list[0, i] of [*, c]
   operands (c in `cols`, addressed by the layout; None for a [B, H, R]
   vector in plan-row order), then its [64, 64] mask bias tile
@@ -181,7 +258,10 @@ def _partner_specs(lay, cta_list, cols):
   tile_of = lambda i: cta_list[0, i]
   return [lay.partner_spec(c, tile_of) if c else
           plgpu.BlockSpec((BLOCK,), lambda i: (tile_of(i),)) for c in cols
-          ] + [tiles_lib.row_block(BLOCK, lambda i: cta_list[1, i])]
+          ] + [tiles_lib.row_block(BLOCK, lambda i: cta_list[1, i])
+               if mask_cols == BLOCK else
+               plgpu.BlockSpec((BLOCK, mask_cols), lambda i: (cta_list[1, i], 0),
+                               transforms=_THIN)]
 
 
 def _bias(smem):
@@ -229,11 +309,15 @@ def _forward(q, k, v, lay, *, scale, interpret):
   b, h, group, d, dv = _dims(q, k, v)
   dtype = q.dtype
   c = float(scale) * common.LOG2E
-  tabs, width = _tables(lay.plan), lay.plan.kv_tiles.shape[1]
+  width = lay.plan.kv_tiles.shape[1]
+  factors = _factor_tables(lay.plan, dtype, c)   # None: bias tiles
+  tabs = _tables(lay.plan) if factors is None else factors
   interp = common.interpret_params(interpret)
 
-  def kernel(q_ref, k_ref, v_ref, list_ref, count_ref, bias_ref, o_ref,
-             lse_ref, q_buf, o_buf, lse_smem, list_smem, bars, stage):
+  def kernel(q_ref, k_ref, v_ref, list_ref, count_ref, mask_ref, *rest):
+    q1_ref, rest = (None, rest) if factors is None else (rest[0], rest[1:])
+    (o_ref, lse_ref, q_buf, o_buf, lse_smem, list_smem, q1_smem, bars,
+     stage) = rest
     p_smem, k_stage, v_stage = stage
     q_own = lay.own(q_buf, interp)
     o_own = q_own if o_buf is None else lay.own(o_buf, interp)  # Q's if D==V
@@ -241,20 +325,31 @@ def _forward(q, k, v, lay, *, scale, interpret):
     kvh = _heads(hh, group)
     q_own.load(lay.own_box(q_ref, bb, qt, hh), bars.at[0])
     plgpu.copy_gmem_to_smem(list_ref.at[qt], list_smem, bars.at[1])
+    if factors is not None:
+      plgpu.copy_gmem_to_smem(q1_ref.at[pl.ds(qt * BLOCK, BLOCK)], q1_smem,
+                              bars.at[2])
+      plgpu.barrier_wait(bars.at[2])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
     q_own.loaded()
 
-    def body(idx, k_blk, v_blk, bias_smem, carry):
+    def body(idx, k_blk, v_blk, mask_smem, carry):
       m, l, acc = carry
       k_smem, v_smem = lay.partner(k_blk, k_stage), lay.partner(v_blk, v_stage)
-      (s,) = common.products(
-          lambda r: plgpu.wgmma(r, q_own.mma, k_smem.transpose((1, 0))),
-          [(BLOCK, BLOCK)])
-      s = s * c + _bias(bias_smem)                     # log2 units, masked
-      m_new = jnp.maximum(m, s.max(axis=1))
+      def mma(r):
+        plgpu.wgmma(r, q_own.mma, k_smem.transpose((1, 0)))
+        if factors is not None:   # + the mask, 0 or hugely negative
+          plgpu.wgmma(r, q1_smem, mask_smem.transpose((1, 0)))
+      (s,) = common.products(mma, [(BLOCK, BLOCK)])
+      if factors is None:
+        s = s * c + _bias(mask_smem)                   # log2 units, masked
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
+      else:                                            # c > 0
+        m_new = jnp.maximum(jnp.maximum(m, s.max(axis=1) * c),
+                            factors["floor"])
+        p = jnp.exp2(s * c - _bcast(m_new, s.shape, 0))
       alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
       l = l * alpha + p.sum(axis=1)
       acc = acc * _bcast(alpha, acc.shape, 0)
       p16 = common.a_operand(p.astype(dtype), p_smem)
@@ -268,10 +363,11 @@ def _forward(q, k, v, lay, *, scale, interpret):
         plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA))
     m, l, acc = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=_partner_specs(lay, list_smem, (d, dv)),
+        in_specs=_partner_specs(lay, list_smem, (d, dv),
+                                BLOCK if factors is None else FACTOR_COLS),
         max_concurrent_steps=min(2, width), init_carry=init,
     )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
-      bias_ref)
+      mask_ref)
     lse_smem[...] = m + jnp.log2(l)
     o_own.store(common.normalize(acc, l).astype(dtype),   # Q is done
                 lay.own_box(o_ref, bb, qt, hh))
@@ -282,13 +378,17 @@ def _forward(q, k, v, lay, *, scale, interpret):
   scratch = [lay.own_scratch(d, dtype, interp),
              None if d == dv else lay.own_scratch(dv, dtype, interp),
              plgpu.SMEM((BLOCK,), jnp.float32), _list_smem(tabs, "kv_list"),
-             plgpu.Barrier(num_barriers=2),
+             None if factors is None else
+             plgpu.SMEM((BLOCK, FACTOR_COLS), dtype, transforms=_THIN),
+             plgpu.Barrier(num_barriers=3),
              _stage(lay, interp, dtype, 1, (d, dv))]
   out_type = (jax.ShapeDtypeStruct(lay.out_shape(h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, lay.plan.n_rows), jnp.float32))
+  masks = ((tabs["bias"],) if factors is None else
+           (factors["k1"], factors["q1"]))
   return _kernel_call(
       kernel, out_type, "q", lay, b, h, scratch, interp,
-      q, k, v, tabs["kv_list"], tabs["kv_count"], tabs["bias"])
+      q, k, v, tabs["kv_list"], tabs["kv_count"], *masks)
 
 
 # --------------------------------------------------------------- backward ---
@@ -300,11 +400,15 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
   b, h, group, d, dv = _dims(q, k, v)
   dtype = q.dtype
   c = float(scale) * common.LOG2E
-  tabs, width = _tables(lay.plan), lay.plan.kv_tiles.shape[1]
+  width = lay.plan.kv_tiles.shape[1]
+  factors = _factor_tables(lay.plan, dtype, c)   # None: bias tiles
+  tabs = _tables(lay.plan) if factors is None else factors
   interp = common.interpret_params(interpret)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, list_ref,
-             count_ref, bias_ref, dq_ref, q_buf, do_buf, bars, stage):
+             count_ref, mask_ref, *rest):
+    q1_ref, rest = (None, rest) if factors is None else (rest[0], rest[1:])
+    dq_ref, q_buf, do_buf, q1_smem, bars, stage = rest
     ds_smem, k_stage, v_stage = stage
     q_own, do_own = lay.own(q_buf, interp), lay.own(do_buf, interp)
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
@@ -316,18 +420,27 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
                        optimized=False)
     delta_i = plgpu.load(delta_ref.at[bb, hh, rows_q], layout=_ROWS,
                          optimized=False)
+    if factors is not None:
+      plgpu.copy_gmem_to_smem(q1_ref.at[rows_q], q1_smem, bars.at[2])
+      plgpu.barrier_wait(bars.at[2])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
     q_own.loaded()
     do_own.loaded()
 
-    def body(idx, k_blk, v_blk, bias_smem, dq_acc):
+    def body(idx, k_blk, v_blk, mask_smem, dq_acc):
       k_smem, v_smem = lay.partner(k_blk, k_stage), lay.partner(v_blk, v_stage)
       def mma(s_ref, dp_ref):
         plgpu.wgmma(s_ref, q_own.mma, k_smem.transpose((1, 0)))
+        if factors is not None:   # + the mask, 0 or hugely negative
+          plgpu.wgmma(s_ref, q1_smem, mask_smem.transpose((1, 0)))
         plgpu.wgmma(dp_ref, do_own.mma, v_smem.transpose((1, 0)))
       s, dp = common.products(mma, [(BLOCK, BLOCK)] * 2)
-      p = jnp.exp2(s * c + _bias(bias_smem) - _bcast(lse_i, s.shape, 0))
+      if factors is None:
+        s = s * c + _bias(mask_smem)
+      else:
+        s = s * c
+      p = jnp.exp2(s - _bcast(lse_i, s.shape, 0))
       ds = p * (dp - _bcast(delta_i, s.shape, 0))
       ds16 = common.a_operand(ds.astype(dtype), ds_smem)
       (dq_acc,) = common.accumulate(
@@ -338,24 +451,29 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
     # two CTAs an SM, and 128 bytes more cost the second (dq 1.28x slower).
     dq = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=_partner_specs(lay, list_ref.at[qt], (d, dv)),
+        in_specs=_partner_specs(lay, list_ref.at[qt], (d, dv),
+                                BLOCK if factors is None else FACTOR_COLS),
         max_concurrent_steps=min(2, width),
         init_carry=plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32),
                                      _WGMMA),
     )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
-      bias_ref)
+      mask_ref)
     q_own.store((dq * float(scale)).astype(dtype),       # Q is done
                 lay.own_box(dq_ref, bb, qt, hh))
     common.wait_stores_at_exit()
 
   scratch = [lay.own_scratch(d, dtype, interp),
              lay.own_scratch(dv, dtype, interp),
-             plgpu.Barrier(num_barriers=2),
+             None if factors is None else
+             plgpu.SMEM((BLOCK, FACTOR_COLS), dtype, transforms=_THIN),
+             plgpu.Barrier(num_barriers=3),
              _stage(lay, interp, dtype, 1, (d, dv))]
+  masks = ((tabs["bias"],) if factors is None else
+           (factors["k1"], factors["q1"]))
   return _kernel_call(
       kernel, jax.ShapeDtypeStruct(q.shape, dtype), "q",
       lay, b, h, scratch, interp, q, k, v, do, lse, delta,
-      tabs["kv_list"], tabs["kv_count"], tabs["bias"])
+      tabs["kv_list"], tabs["kv_count"], *masks)
 
 
 def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
@@ -366,13 +484,17 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
   dtype = q.dtype
   out_dtype = dtype if group == 1 else jnp.float32
   c = float(scale) * common.LOG2E
-  tabs, width = _tables(lay.plan), lay.plan.q_tiles.shape[1]
+  width = lay.plan.q_tiles.shape[1]
+  factors = _factor_tables(lay.plan, dtype, c)   # None: bias tiles
+  tabs = _tables(lay.plan) if factors is None else factors
   interp = common.interpret_params(interpret)
   staging = common.dkv_staging(group, 1, BLOCK, d, dv)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, list_ref,
-             count_ref, bias_ref, dk_ref, dv_ref, k_buf, v_buf, out_smem,
-             list_smem, bars, stage):
+             count_ref, mask_ref, *rest):
+    q1_ref, rest = (None, rest) if factors is None else (rest[0], rest[1:])
+    (dk_ref, dv_ref, k_buf, v_buf, out_smem, list_smem, bars,
+     stage) = rest
     pt_smem, dst_smem, q_stage, do_stage = stage
     k_own, v_own = lay.own(k_buf, interp), lay.own(v_buf, interp)
     kt, hh, bb = (lax.axis_index(a) for a in ("kv", "heads", "batch"))
@@ -386,16 +508,20 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
     v_own.loaded()
     k_smem, v_smem = k_own.mma, v_own.mma
 
-    def body(idx, q_blk, do_blk, lse_smem, delta_smem, bias_smem, carry):
+    def body(idx, q_blk, do_blk, lse_smem, delta_smem, mask_smem, *rest):
+      *q1_blk, carry = rest   # q1_blk: the partner's classes (factors)
       q_smem = lay.partner(q_blk, q_stage)
       do_smem = lay.partner(do_blk, do_stage)
       def mma(st_ref, dpt_ref):
         plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
+        if factors is not None:   # + the mask (transposed), 0 or hugely
+          plgpu.wgmma(st_ref, mask_smem, q1_blk[0].transpose((1, 0)))
         plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
       st, dpt = common.products(mma, [(BLOCK, BLOCK)] * 2)  # [keys, queries]
       lse_j = plgpu.load(lse_smem, layout=_COLS)
       delta_j = plgpu.load(delta_smem, layout=_COLS)
-      pt = jnp.exp2(st * c + _bias(bias_smem) - _bcast(lse_j, st.shape, 1))
+      st = st * c if factors is not None else st * c + _bias(mask_smem)
+      pt = jnp.exp2(st - _bcast(lse_j, st.shape, 1))
       dst = pt * (dpt - _bcast(delta_j, st.shape, 1))
       pt16 = common.a_operand(pt.astype(dtype), pt_smem)
       dst16 = common.a_operand(dst.astype(dtype), dst_smem)
@@ -408,10 +534,17 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
             plgpu.layout_cast(jnp.zeros((BLOCK, dv), jnp.float32), _WGMMA))
     dk, dv_ = plgpu.emit_pipeline(
         body, grid=(count_ref[kt],),
-        in_specs=_partner_specs(lay, list_smem, (d, dv, None, None)),
+        in_specs=_partner_specs(
+            lay, list_smem, (d, dv, None, None),
+            BLOCK if factors is None else FACTOR_COLS) + (
+                [] if factors is None else   # the partner query tile's q1
+                [plgpu.BlockSpec((BLOCK, FACTOR_COLS),
+                                 lambda i: (list_smem[0, i], 0),
+                                 transforms=_THIN)]),
         max_concurrent_steps=min(2, width), init_carry=init,
     )(lay.partner_ref(q_ref, bb, hh), lay.partner_ref(do_ref, bb, hh),
-      lse_ref.at[bb, hh], delta_ref.at[bb, hh], bias_ref)
+      lse_ref.at[bb, hh], delta_ref.at[bb, hh], mask_ref,
+      *(() if factors is None else (q1_ref,)))
     dk = (dk * float(scale)).astype(out_dtype)
     dv_ = dv_.astype(out_dtype)
     if staging is None:   # 16-bit: out through K and V's own buffers (done)
@@ -433,10 +566,11 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
            (lambda x: (b, lay.plan.n_rows, h, x)))
   out_type = (jax.ShapeDtypeStruct(shape(d), out_dtype),
               jax.ShapeDtypeStruct(shape(dv), out_dtype))
+  masks = ((tabs["bias_t"],) if factors is None else
+           (factors["k1"], factors["q1"]))
   return _kernel_call(
       kernel, out_type, "kv", lay, b, h, scratch, interp,
-      q, k, v, do, lse, delta, tabs["q_list"], tabs["q_count"],
-      tabs["bias_t"])
+      q, k, v, do, lse, delta, tabs["q_list"], tabs["q_count"], *masks)
 
 
 # ------------------------------------------------------------ entry point ---

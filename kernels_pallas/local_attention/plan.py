@@ -257,6 +257,41 @@ def _pair_masks(plan: Plan, q_tiles, k_tiles) -> np.ndarray:
                     tiles(plan.k_coord, bk, k_tiles))
 
 
+def _dedupe(pair_tiles, plan: Plan, first=None):
+  """Distinct tiles of the forward's visited pairs and their ids.
+
+  pair_tiles: [nq * max_kv, ...] bool, one tile per entry of plan.kv_tiles
+  (row-major); `first` (optional, [...] bool) is made id 0. Returns
+  (tiles [U, ...], kv_ids [nq, max_kv], q_ids [nk, max_q]): the transposed
+  lists name the same pairs, so their ids are looked up in kv_ids.
+  """
+  nq, width = plan.kv_tiles.shape
+  shape = pair_tiles.shape[1:]
+  flat = pair_tiles.reshape(pair_tiles.shape[0], -1)
+  head = (np.zeros((0, flat.shape[1]), bool) if first is None
+          else first.reshape(1, -1))
+  packed = np.packbits(np.concatenate([head, flat]), axis=1)
+  uniq, first_at, inverse = np.unique(packed, axis=0, return_index=True,
+                                      return_inverse=True)
+  # Number tiles by first appearance (so `first`, if given, is id 0).
+  order = np.argsort(first_at, kind="stable")
+  rank = np.empty_like(order)
+  rank[order] = np.arange(order.size)
+  ids = rank[inverse.reshape(-1)][head.shape[0]:]
+  tiles = np.unpackbits(uniq[order], axis=1, count=flat.shape[1]).astype(bool)
+  kv_ids = ids.reshape(nq, width)
+  nk = plan.q_tiles.shape[0]
+  q_of = np.repeat(np.arange(nq), width).astype(np.int64)
+  pair_key = q_of * nk + plan.kv_tiles.reshape(-1)
+  order_k = np.argsort(pair_key, kind="stable")
+  want = (plan.q_tiles.astype(np.int64) * nk
+          + np.arange(nk)[:, None]).reshape(-1)
+  at = order_k[np.searchsorted(pair_key, want, sorter=order_k)]
+  q_ids = ids[at].reshape(plan.q_tiles.shape)
+  return (_frozen(tiles.reshape(-1, *shape)), _frozen(kv_ids, np.int32),
+          _frozen(q_ids, np.int32))
+
+
 @functools.lru_cache(maxsize=64)
 def mask_tiles(plan: Plan) -> MaskTiles:
   """Every visited pair's mask as an id into a table of distinct tiles.
@@ -269,30 +304,77 @@ def mask_tiles(plan: Plan) -> MaskTiles:
   """
   nq, width = plan.kv_tiles.shape
   q_of = np.repeat(np.arange(nq), width)
-  k_of = plan.kv_tiles.reshape(-1)
-  masks = _pair_masks(plan, q_of, k_of).reshape(q_of.size, -1)
-  full = np.ones((1, masks.shape[1]), bool)
-  packed = np.packbits(np.concatenate([full, masks]), axis=1)
-  uniq, first, inverse = np.unique(packed, axis=0, return_index=True,
-                                   return_inverse=True)
-  # Renumber so that the all-True tile (row 0 of `packed`) is id 0.
-  order = np.argsort(first, kind="stable")
-  rank = np.empty_like(order)
-  rank[order] = np.arange(order.size)
-  ids = rank[inverse.reshape(-1)]
-  tiles = np.unpackbits(uniq[order], axis=1, count=masks.shape[1]).astype(bool)
-  kv_ids = ids[1:].reshape(nq, width)
-  # The transposed lists name the same pairs: look each up in kv_ids.
-  nk = plan.q_tiles.shape[0]
-  pair_key = q_of.astype(np.int64) * nk + k_of
-  order_k = np.argsort(pair_key, kind="stable")
-  want = (plan.q_tiles.astype(np.int64) * nk
-          + np.arange(nk)[:, None]).reshape(-1)
-  at = order_k[np.searchsorted(pair_key, want, sorter=order_k)]
-  q_ids = ids[1:][at].reshape(plan.q_tiles.shape)
-  return MaskTiles(
-      tiles=_frozen(tiles.reshape(-1, plan.block_q, plan.block_k)),
-      kv_ids=_frozen(kv_ids, np.int32), q_ids=_frozen(q_ids, np.int32))
+  masks = _pair_masks(plan, q_of, plan.kv_tiles.reshape(-1))
+  tiles, kv_ids, q_ids = _dedupe(
+      masks, plan, first=np.ones(masks.shape[1:], bool))
+  return MaskTiles(tiles=tiles, kv_ids=kv_ids, q_ids=q_ids)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MaskFactors:
+  """A plan's tile masks as a product of two thin matrices (`mask_factors`).
+
+  Attributes:
+    q_class: [R, C] bool. Query row r's box is, along axis a, one of the
+      few distinct intervals of its tile's rows along a (its *class* on a);
+      columns [off_a, off_a + n_a) one-hot that class (padded rows: no 1).
+    tiles: [U, block_k, C] bool, distinct per pair: key row c passes the
+      interval of class u on axis a (column off_a + u).
+    kv_ids, q_ids: as in MaskTiles, ids into `tiles`.
+  For every real query row r (non-empty box) of query tile t and key row c
+  of key tile k, with pair tile F = tiles[id of (t, k)]:
+    mask(r, c)  iff  F[c, j] for every column j with q_class[r, j].
+  So with Q1 = z q_class and K1 = where(F, 0, -w) (z, w > 0),
+  (Q1 K1^T)[r, c] is 0 where visible and <= -z w where masked: a kernel
+  adds the mask with one thin matmul (k = C) beside Q K^T.
+  """
+  q_class: np.ndarray
+  tiles: np.ndarray
+  kv_ids: np.ndarray
+  q_ids: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def mask_factors(plan: Plan, width: int = 16):
+  """`MaskFactors` of the plan with C = width columns, or None when the
+  classes of some tile need more (sum over axes of the distinct intervals
+  of a tile's rows: 8 + 8 for 8 x 8 tiles, 4 + 4 + 4 for 4 x 4 x 4; 64
+  for 1-D tiles of 64, which keep the bias tiles)."""
+  bq, axes = plan.block_q, plan.q_lo.shape[1]
+  nq = plan.n_rows // bq
+  lo = plan.q_lo.reshape(nq, bq, axes).astype(np.int64)
+  hi = plan.q_hi.reshape(nq, bq, axes).astype(np.int64)
+  real = np.all(lo <= hi, axis=2).reshape(-1)          # [nq bq]
+  tile_of = np.repeat(np.arange(nq), bq)
+  q_class = np.zeros((nq * bq, width), bool)
+  box_lo, box_hi, off = [], [], 0
+  for a in range(axes):
+    trip = np.stack([tile_of, lo[..., a].reshape(-1),
+                     hi[..., a].reshape(-1)], axis=1)[real]
+    uniq, inv = np.unique(trip, axis=0, return_inverse=True)
+    cls = np.arange(len(uniq)) - np.searchsorted(uniq[:, 0], uniq[:, 0])
+    n_a = int(cls.max()) + 1 if len(uniq) else 1
+    if off + n_a > width:
+      return None
+    q_class[np.nonzero(real)[0], off + cls[inv.reshape(-1)]] = True
+    # Per tile, the interval of each class (unused classes: empty).
+    b_lo = np.full((nq, n_a), _EMPTY_LO, np.int64)
+    b_hi = np.full((nq, n_a), _EMPTY_HI, np.int64)
+    b_lo[uniq[:, 0], cls], b_hi[uniq[:, 0], cls] = uniq[:, 1], uniq[:, 2]
+    box_lo.append(b_lo)
+    box_hi.append(b_hi)
+    off += n_a
+  nq_, list_w = plan.kv_tiles.shape
+  q_of = np.repeat(np.arange(nq_), list_w)
+  kc = plan.k_coord.reshape(-1, plan.block_k, axes)[plan.kv_tiles.reshape(-1)]
+  cols = [(kc[:, :, a, None] >= box_lo[a][q_of][:, None])
+          & (kc[:, :, a, None] <= box_hi[a][q_of][:, None])
+          for a in range(axes)]                        # [P, bk, n_a] each
+  pairs = np.ones((q_of.size, plan.block_k, width), bool)
+  pairs[..., :off] = np.concatenate(cols, axis=2)
+  tiles, kv_ids, q_ids = _dedupe(pairs, plan)
+  return MaskFactors(q_class=_frozen(q_class), tiles=tiles, kv_ids=kv_ids,
+                     q_ids=q_ids)
 
 
 # ---------------------------------------------------------------------------

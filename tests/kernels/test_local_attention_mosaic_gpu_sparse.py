@@ -78,8 +78,9 @@ _CASES = [
     ((150,), 128, 1, 1, True, None, 2, 2, 64, 64, jnp.float16),
     # 1-D: even kernel, dilation 3 (groups 34, 33, 33), stride 2; GQA.
     ((100,), 6, 3, 2, False, None, 2, 1, 64, 64, jnp.bfloat16),
-    # 2-D odd sizes, kernel 5 (borders), default 8 x 8 tiles; GQA.
-    ((12, 10), 5, 1, 1, False, None, 2, 1, 64, 64, jnp.bfloat16),
+    # 2-D odd sizes, kernel 5 (borders), default 8 x 8 tiles; GQA; float16
+    # (the forward's mask matmul with float16 factors).
+    ((12, 10), 5, 1, 1, False, None, 2, 1, 64, 64, jnp.float16),
     # 2-D dilation 2 (four 6 x 5 groups, 4 x 16 tiles), stride 2 on a causal
     # axis, kernel 3 x 4; D != V.
     ((12, 10), (3, 4), 2, (1, 2), (False, True), None, 2, 2, 128, 64,
@@ -151,6 +152,33 @@ def test_interpret_matches_oracle(spatial, kernel, dilation, stride, causal,
                                want_grads):
     assert g.shape == x.shape and g.dtype == dtype, name
     _check_close(g, g_ref, name)
+
+
+def test_forward_mask_path_of_cases():
+  # The forward adds masks by a thin matmul where a tile's rows have at
+  # most 16 interval classes (8 x 8 and 4 x 4 x 4 tiles, small dilation
+  # groups, the 1-D case with dilation 3 and stride 2, whose 34-token
+  # groups pair up), else by bias tiles (64 consecutive 1-D tokens: 64
+  # classes): the interpret cases cover both, in bfloat16 and float16
+  # (test_interpret_forward_bias_tiles: the bias tiles in 2-D).
+  got = [na._factor_tables(_plan(*case[:6]), case[10],
+                           case[8] ** -0.5 * na.common.LOG2E) is not None
+         for case in _CASES + _DIRECT_CASES]
+  assert got == [False] + [True] * (len(got) - 1)
+
+
+@pytest.mark.parametrize("matmul", [False, True])
+def test_interpret_forward_bias_tiles(matmul, monkeypatch):
+  # The forward's two ways of masking (MASK_AS_MATMUL; bench.py's
+  # "mosaic_gpu_bias_mask") on a 2-D dilated "image" case with a causal
+  # axis and stride, against the oracle.
+  spatial, opts = (20, 48), dict(kernel_size=(3, 5), dilation=(2, 3),
+                                 stride=(1, 2), is_causal=(False, True),
+                                 scale=0.125)
+  monkeypatch.setattr(na, "MASK_AS_MATMUL", matmul)
+  q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=5)
+  o, _ = na.forward_with_lse(q, k, v, interpret=True, **opts)
+  _check_close(o, oracle.neighborhood_attention(*_f32(q, k, v), **opts), "o")
 
 
 def _path(spatial, kernel, dilation=1, tile=None, d=64, dv=64):

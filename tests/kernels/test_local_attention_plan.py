@@ -203,3 +203,50 @@ def test_mask_tiles_match_row_mask(spatial, kernel, dilation, stride, causal,
   assert (m.kv_ids[p.kv_interior] == 0).all()
   assert (m.q_ids[p.q_interior] == 0).all()
   assert plan_lib.mask_tiles(p) is m   # cached per plan
+
+
+@pytest.mark.parametrize("spatial,kernel,dilation,stride,causal,tile", [
+    c for c in MASK_CASES if len(c[0]) > 1] + [
+        ((24, 24), 13, 1, 1, False, (8, 8)),
+        ((20, 21), 5, 1, (2, 3), (True, False), (8, 8)),   # ragged, stride
+        ((9, 10, 12), 3, (1, 2, 1), 1, (False, True, False), (4, 4, 4))])
+def test_mask_factors_reproduce_the_row_mask(spatial, kernel, dilation,
+                                             stride, causal, tile):
+  """The thin matmul q1 k1^T of the forward kernel (q1 = one-hot interval
+  classes, k1 = 0 / -1 per pair) is 0 exactly where the brute-force row
+  mask is visible and <= -1 elsewhere, for every real query row of every
+  listed pair (both list directions); padded key rows are masked."""
+  p = plan_lib.neighborhood_plan(spatial, kernel, dilation, stride, causal,
+                                 tile)
+  f = plan_lib.mask_factors(p)
+  assert f is not None and f.q_class.shape == (p.n_rows, 16)
+  mask = _row_mask(p)
+  real = np.all(p.q_lo <= p.q_hi, axis=1)
+  assert (f.q_class[~real] == 0).all()
+  assert (f.q_class[real].sum(axis=1) == len(spatial)).all()   # one per axis
+  bq, bk = p.block_q, p.block_k
+  q1 = f.q_class.astype(np.float64)
+  def check(qt, kt, tile_id):
+    rows = slice(qt * bq, (qt + 1) * bq)
+    bias = q1[rows] @ np.where(f.tiles[tile_id], 0.0, -1.0).T   # [bq, bk]
+    want = mask[rows, kt * bk:(kt + 1) * bk]
+    ok = real[rows]
+    np.testing.assert_array_equal(bias[ok] == 0, want[ok])
+    assert (bias[ok][~want[ok]] <= -1).all()
+  for qt, row in enumerate(p.kv_tiles):
+    for i, kt in enumerate(row):
+      check(qt, kt, f.kv_ids[qt, i])
+  for kt, row in enumerate(p.q_tiles):
+    for i, qt in enumerate(row):
+      check(qt, kt, f.q_ids[kt, i])
+  assert plan_lib.mask_factors(p) is f   # cached per plan
+
+
+def test_mask_factors_need_few_classes():
+  # 1-D tiles of 64 have 64 interval classes (over 16 columns): no factors.
+  assert plan_lib.mask_factors(plan_lib.neighborhood_plan((200,), 9)) is None
+  # 32 x 32, kernel 5: an interior 8 x 8 tile has 8 distinct intervals on
+  # each axis (border tiles fewer: clamped windows coincide).
+  p = plan_lib.neighborhood_plan((32, 32), 5, tile_shape=(8, 8))
+  assert plan_lib.mask_factors(p, width=15) is None
+  assert plan_lib.mask_factors(p, width=16) is not None
