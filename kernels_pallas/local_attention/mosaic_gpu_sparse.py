@@ -66,8 +66,8 @@ CTA reads count[tile] and runs an `emit_pipeline` of exactly that many steps
 computed for it); step i TMA-loads (double-buffered) the partner tile
 list[tile, i] and its mask. The forward and dk/dv CTAs TMA-load their row
 of the lists ([2, W] int32: partner tiles, mask ids) into SMEM with their
-own tile, so the index maps read SMEM each step; dq reads GMEM (its SMEM is
-full at two CTAs an SM).
+own tile, so the index maps read SMEM each step; dq reads GMEM when it
+uses bias tiles (its SMEM is full at two CTAs an SM), else SMEM too.
 
 Masks. `plan.mask_tiles` gives every visited pair the id of its [64, 64]
 mask among the plan's distinct ones (a neighborhood repeats a few relative
@@ -408,7 +408,7 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, list_ref,
              count_ref, mask_ref, *rest):
     q1_ref, rest = (None, rest) if factors is None else (rest[0], rest[1:])
-    dq_ref, q_buf, do_buf, q1_smem, bars, stage = rest
+    dq_ref, q_buf, do_buf, q1_smem, list_smem, bars, stage = rest
     ds_smem, k_stage, v_stage = stage
     q_own, do_own = lay.own(q_buf, interp), lay.own(do_buf, interp)
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
@@ -422,7 +422,9 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
                          optimized=False)
     if factors is not None:
       plgpu.copy_gmem_to_smem(q1_ref.at[rows_q], q1_smem, bars.at[2])
+      plgpu.copy_gmem_to_smem(list_ref.at[qt], list_smem, bars.at[3])
       plgpu.barrier_wait(bars.at[2])
+      plgpu.barrier_wait(bars.at[3])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[1])
     q_own.loaded()
@@ -447,11 +449,13 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
           lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
       return dq_acc
 
-    # The list stays in GMEM here: Q, dO and the pipeline fill the SMEM of
-    # two CTAs an SM, and 128 bytes more cost the second (dq 1.28x slower).
+    # With bias tiles the list stays in GMEM: Q, dO and the pipeline fill
+    # the SMEM of two CTAs an SM, and 128 bytes more cost the second (dq
+    # 1.28x slower). The thin mask tiles leave room for it in SMEM.
     dq = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
-        in_specs=_partner_specs(lay, list_ref.at[qt], (d, dv),
+        in_specs=_partner_specs(lay, list_ref.at[qt] if factors is None
+                                else list_smem, (d, dv),
                                 BLOCK if factors is None else FACTOR_COLS),
         max_concurrent_steps=min(2, width),
         init_carry=plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32),
@@ -466,7 +470,8 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
              lay.own_scratch(dv, dtype, interp),
              None if factors is None else
              plgpu.SMEM((BLOCK, FACTOR_COLS), dtype, transforms=_THIN),
-             plgpu.Barrier(num_barriers=3),
+             None if factors is None else _list_smem(tabs, "kv_list"),
+             plgpu.Barrier(num_barriers=4),
              _stage(lay, interp, dtype, 1, (d, dv))]
   masks = ((tabs["bias"],) if factors is None else
            (factors["k1"], factors["q1"]))
