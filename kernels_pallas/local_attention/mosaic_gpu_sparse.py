@@ -184,6 +184,11 @@ def _tables(plan):
 # docstring, "Masks as a thin matmul"). False: bias tiles everywhere
 # (bench.py's "mosaic_gpu_bias_mask").
 MASK_AS_MATMUL = True
+# The forward keeps Q in registers (a wgmma A operand) and holds SMEM for Q
+# only while it loads and for o only while it leaves (scoped buffers, where
+# the pipeline's were): 70 KiB a CTA instead of 86, so three CTAs may share
+# an SM (BENCHMARKS.md 4r). False: Q and o in one kernel-long buffer.
+SCOPED_Q = False
 FACTOR_COLS = 16
 # [rows, 16] 16-bit SMEM tiles (32-byte rows) as wgmma and TMA want them.
 _THIN = (plgpu.TilingTransform((8, FACTOR_COLS)), plgpu.SwizzleTransform(32))
@@ -314,30 +319,42 @@ def _forward(q, k, v, lay, *, scale, interpret):
   tabs = _tables(lay.plan) if factors is None else factors
   interp = common.interpret_params(interpret)
 
+  scoped_q = SCOPED_Q
+
   def kernel(q_ref, k_ref, v_ref, list_ref, count_ref, mask_ref, *rest):
     q1_ref, rest = (None, rest) if factors is None else (rest[0], rest[1:])
     (o_ref, lse_ref, q_buf, o_buf, lse_smem, list_smem, q1_smem, bars,
      stage) = rest
-    p_smem, k_stage, v_stage = stage
-    q_own = lay.own(q_buf, interp)
-    o_own = q_own if o_buf is None else lay.own(o_buf, interp)  # Q's if D==V
+    p_smem, k_stage, v_stage, q_stage = stage
     qt, hh, bb = (lax.axis_index(a) for a in ("q", "heads", "batch"))
     kvh = _heads(hh, group)
-    q_own.load(lay.own_box(q_ref, bb, qt, hh), bars.at[0])
-    plgpu.copy_gmem_to_smem(list_ref.at[qt], list_smem, bars.at[1])
-    if factors is not None:
-      plgpu.copy_gmem_to_smem(q1_ref.at[pl.ds(qt * BLOCK, BLOCK)], q1_smem,
-                              bars.at[2])
-      plgpu.barrier_wait(bars.at[2])
-    plgpu.barrier_wait(bars.at[0])
-    plgpu.barrier_wait(bars.at[1])
-    q_own.loaded()
+
+    def load_q(q_buf):
+      q_own = lay.own(q_buf, interp)
+      q_own.load(lay.own_box(q_ref, bb, qt, hh), bars.at[0])
+      plgpu.copy_gmem_to_smem(list_ref.at[qt], list_smem, bars.at[1])
+      if factors is not None:
+        plgpu.copy_gmem_to_smem(q1_ref.at[pl.ds(qt * BLOCK, BLOCK)], q1_smem,
+                                bars.at[2])
+        plgpu.barrier_wait(bars.at[2])
+      plgpu.barrier_wait(bars.at[0])
+      plgpu.barrier_wait(bars.at[1])
+      q_own.loaded()
+      if not scoped_q:
+        return q_own.mma
+      return plgpu.load(q_own.mma, layout=_WGMMA)
+
+    if scoped_q:   # Q's buffer only while it loads; Q in registers
+      q_a = common.a_operand(   # (interpret mode: an SMEM copy)
+          pl.run_scoped(load_q, lay.own_scratch(d, dtype, interp)), q_stage)
+    else:
+      q_a = load_q(q_buf)
 
     def body(idx, k_blk, v_blk, mask_smem, carry):
       m, l, acc = carry
       k_smem, v_smem = lay.partner(k_blk, k_stage), lay.partner(v_blk, v_stage)
       def mma(r):
-        plgpu.wgmma(r, q_own.mma, k_smem.transpose((1, 0)))
+        plgpu.wgmma(r, q_a, k_smem.transpose((1, 0)))
         if factors is not None:   # + the mask, 0 or hugely negative
           plgpu.wgmma(r, q1_smem, mask_smem.transpose((1, 0)))
       (s,) = common.products(mma, [(BLOCK, BLOCK)])
@@ -369,19 +386,29 @@ def _forward(q, k, v, lay, *, scale, interpret):
     )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
       mask_ref)
     lse_smem[...] = m + jnp.log2(l)
-    o_own.store(common.normalize(acc, l).astype(dtype),   # Q is done
-                lay.own_box(o_ref, bb, qt, hh))
-    plgpu.copy_smem_to_gmem(lse_smem,
-                            lse_ref.at[bb, hh, pl.ds(qt * BLOCK, BLOCK)])
-    common.wait_stores_at_exit()
 
-  scratch = [lay.own_scratch(d, dtype, interp),
-             None if d == dv else lay.own_scratch(dv, dtype, interp),
+    def store_o(o_buf):
+      lay.own(o_buf, interp).store(common.normalize(acc, l).astype(dtype),
+                                   lay.own_box(o_ref, bb, qt, hh))
+      plgpu.copy_smem_to_gmem(lse_smem,
+                              lse_ref.at[bb, hh, pl.ds(qt * BLOCK, BLOCK)])
+      common.wait_stores_at_exit()
+
+    if scoped_q:   # a fresh buffer where the pipeline's were
+      pl.run_scoped(store_o, lay.own_scratch(dv, dtype, interp))
+    else:
+      store_o(q_buf if o_buf is None else o_buf)   # Q's if D == V: done
+
+  scratch = [None if scoped_q else lay.own_scratch(d, dtype, interp),
+             None if d == dv or scoped_q else
+             lay.own_scratch(dv, dtype, interp),
              plgpu.SMEM((BLOCK,), jnp.float32), _list_smem(tabs, "kv_list"),
              None if factors is None else
              plgpu.SMEM((BLOCK, FACTOR_COLS), dtype, transforms=_THIN),
              plgpu.Barrier(num_barriers=3),
-             _stage(lay, interp, dtype, 1, (d, dv))]
+             _stage(lay, interp, dtype, 1, (d, dv)) + (
+                 None if interp is None or not scoped_q else
+                 plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),)]
   out_type = (jax.ShapeDtypeStruct(lay.out_shape(h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, lay.plan.n_rows), jnp.float32))
   masks = ((tabs["bias"],) if factors is None else

@@ -160,25 +160,31 @@ def test_forward_mask_path_of_cases():
   # groups, the 1-D case with dilation 3 and stride 2, whose 34-token
   # groups pair up), else by bias tiles (64 consecutive 1-D tokens: 64
   # classes): the interpret cases cover both, in bfloat16 and float16
-  # (test_interpret_forward_bias_tiles: the bias tiles in 2-D).
+  # (test_interpret_forward_variants: the bias tiles in 2-D).
   got = [na._factor_tables(_plan(*case[:6]), case[10],
                            case[8] ** -0.5 * na.common.LOG2E) is not None
          for case in _CASES + _DIRECT_CASES]
   assert got == [False] + [True] * (len(got) - 1)
 
 
-@pytest.mark.parametrize("matmul", [False, True])
-def test_interpret_forward_bias_tiles(matmul, monkeypatch):
+@pytest.mark.parametrize("matmul,scoped,dv", [
+    (False, False, 64), (True, False, 64), (True, True, 64),
+    (True, True, 128)])
+def test_interpret_forward_variants(matmul, scoped, dv, monkeypatch):
   # The forward's two ways of masking (MASK_AS_MATMUL; bench.py's
-  # "mosaic_gpu_bias_mask") on a 2-D dilated "image" case with a causal
-  # axis and stride, against the oracle.
+  # "mosaic_gpu_bias_mask") and its Q in registers with scoped Q / o
+  # buffers (SCOPED_Q; "mosaic_gpu_scoped_q"), on a 2-D dilated case with
+  # a causal axis and stride ("image"; D != V: "gather"), against the
+  # oracle.
   spatial, opts = (20, 48), dict(kernel_size=(3, 5), dilation=(2, 3),
                                  stride=(1, 2), is_causal=(False, True),
                                  scale=0.125)
   monkeypatch.setattr(na, "MASK_AS_MATMUL", matmul)
-  q, k, v, _ = _inputs(spatial, h=2, hkv=1, seed=5)
-  o, _ = na.forward_with_lse(q, k, v, interpret=True, **opts)
+  monkeypatch.setattr(na, "SCOPED_Q", scoped)
+  q, k, v, _ = _inputs(spatial, h=2, hkv=1, dv=dv, seed=5)
+  o, lse = na.forward_with_lse(q, k, v, interpret=True, **opts)
   _check_close(o, oracle.neighborhood_attention(*_f32(q, k, v), **opts), "o")
+  assert np.all(np.isfinite(np.asarray(lse)))
 
 
 def _path(spatial, kernel, dilation=1, tile=None, d=64, dv=64):
