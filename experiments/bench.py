@@ -25,7 +25,8 @@ landed, `mosaic_gpu_common.EXIT_READ_ONLY` off) and "mosaic_gpu_divide"
 "mosaic_gpu_old_epilogue" (both off); for neighborhood_attention
 "mosaic_gpu_bias_mask" (the forward adds [64, 64] bias tiles instead of
 its mask matmul, `mosaic_gpu_sparse.MASK_AS_MATMUL` off) and
-"mosaic_gpu_scoped_q" (its forward with `SCOPED_Q` on);
+"mosaic_gpu_kernel_long_q" (its forward with `SCOPED_Q` off: Q in SMEM for
+the whole kernel, two CTAs an SM);
 for any op "mosaic_gpu_batch_fastest" (the old launch order).
 
 Examples:
@@ -85,14 +86,14 @@ SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
 # BENCHMARKS.md section 5f), the epilogues before section 4q (a full wait
 # for the last stores; acc / l divided element by element), and the
 # neighborhood forward's bias tiles instead of its mask matmul (section 4r;
-# mosaic_gpu_sparse.MASK_AS_MATMUL off), and its forward with Q in registers
-# and scoped Q / o buffers (SCOPED_Q on).
+# mosaic_gpu_sparse.MASK_AS_MATMUL off), and its forward with Q in SMEM for
+# the whole kernel (SCOPED_Q off; section 4r).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
 DIVIDE = "mosaic_gpu_divide"
 OLD_EPILOGUE = "mosaic_gpu_old_epilogue"
 NA_BIAS_MASK = "mosaic_gpu_bias_mask"
-NA_SCOPED_Q = "mosaic_gpu_scoped_q"
+NA_LONG_Q = "mosaic_gpu_kernel_long_q"
 _COMMON = mosaic_gpu_common
 SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             FULL_EXIT_WAIT: {(_COMMON, "EXIT_READ_ONLY"): False},
@@ -100,7 +101,7 @@ SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             OLD_EPILOGUE: {(_COMMON, "EXIT_READ_ONLY"): False,
                            (_COMMON, "NORMALIZE_BY_INVERSE"): False},
             NA_BIAS_MASK: {(na_mosaic_gpu, "MASK_AS_MATMUL"): False},
-            NA_SCOPED_Q: {(na_mosaic_gpu, "SCOPED_Q"): True}}
+            NA_LONG_Q: {(na_mosaic_gpu, "SCOPED_Q"): False}}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -109,7 +110,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     "backend (xla, mosaic_tpu, mosaic_gpu) or a yardstick "
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
-    f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {NA_BIAS_MASK}, {NA_SCOPED_Q} "
+    f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {NA_BIAS_MASK}, {NA_LONG_Q} "
     f"(neighborhood_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(

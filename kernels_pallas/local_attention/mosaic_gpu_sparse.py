@@ -186,9 +186,12 @@ def _tables(plan):
 MASK_AS_MATMUL = True
 # The forward keeps Q in registers (a wgmma A operand) and holds SMEM for Q
 # only while it loads and for o only while it leaves (scoped buffers, where
-# the pipeline's were): 70 KiB a CTA instead of 86, so three CTAs may share
-# an SM (BENCHMARKS.md 4r). False: Q and o in one kernel-long buffer.
-SCOPED_Q = False
+# the pipeline's were): about 72 KiB a CTA instead of 88 with the thin mask
+# tiles, so three CTAs share an SM instead of two: forward 1.09-1.10x on the
+# H100 (BENCHMARKS.md 4r). False: Q and o in one kernel-long buffer
+# (bench.py's "mosaic_gpu_kernel_long_q"); the bias-tile forward (16 KiB
+# more) does not reach three CTAs either way.
+SCOPED_Q = True
 FACTOR_COLS = 16
 # [rows, 16] 16-bit SMEM tiles (32-byte rows) as wgmma and TMA want them.
 _THIN = (plgpu.TilingTransform((8, FACTOR_COLS)), plgpu.SwizzleTransform(32))

@@ -168,14 +168,14 @@ def test_forward_mask_path_of_cases():
 
 
 @pytest.mark.parametrize("matmul,scoped,dv", [
-    (False, False, 64), (True, False, 64), (True, True, 64),
-    (True, True, 128)])
+    (False, False, 64), (False, True, 64), (True, False, 64),
+    (True, True, 64), (True, True, 128)])
 def test_interpret_forward_variants(matmul, scoped, dv, monkeypatch):
-  # The forward's two ways of masking (MASK_AS_MATMUL; bench.py's
+  # The forward's two ways of masking (MASK_AS_MATMUL; off: bench.py's
   # "mosaic_gpu_bias_mask") and its Q in registers with scoped Q / o
-  # buffers (SCOPED_Q; "mosaic_gpu_scoped_q"), on a 2-D dilated case with
-  # a causal axis and stride ("image"; D != V: "gather"), against the
-  # oracle.
+  # buffers (SCOPED_Q; off: "mosaic_gpu_kernel_long_q"), on a 2-D dilated
+  # case with a causal axis and stride ("image"; D != V: "gather"),
+  # against the oracle.
   spatial, opts = (20, 48), dict(kernel_size=(3, 5), dilation=(2, 3),
                                  stride=(1, 2), is_causal=(False, True),
                                  scale=0.125)
