@@ -107,8 +107,11 @@ accumulation; P and dS rounded to the input dtype before their matmul):
     listed key tiles,
       m' = max(m, rowmax(s')),  l' = 2^(m - m') l + rowsum(2^(s' - m')),
       acc' = 2^(m - m') acc + 2^(s' - m') V,
-    then o = acc / l (stored through Q's SMEM buffer when D == V) and
-    lse' = m + log2 l (saved, in log2 units).
+    then o = acc / l and lse' = m + log2 l (saved, in log2 units). Q is
+    a register operand (`SCOPED_Q`): its SMEM is held only while it loads
+    and o's only while it leaves (scoped where the pipeline's buffers
+    were), so three CTAs share an SM (BENCHMARKS.md 4r); with SCOPED_Q off,
+    o leaves through Q's buffer when D == V.
   dq       (same grid and lists): p = 2^(s' - lse'), dp = dO V^T,
     dq += ds K, scaled at the end (stored through Q's buffer).
   dk/dv    (grid: key tiles, H, B; transposed lists): on s^T = K Q^T so
@@ -206,7 +209,8 @@ def _factor_tables(plan, dtype, c):
   dtype: a masked score gets -z w (once per failing axis) before the
   multiplication by c (> 0), so z w c must dwarf any real score: bfloat16
   z = 1, w = 2^100 / c (a bias of about -2^100 in log2 units, like
-  common.MASK); float16 z = 2^15, w = 65504 (its largest; -2^31 c), used
+  common.MASK; used for 2^-20 <= c <= 2^10, so that three failing axes,
+  <= 3 2^120, stay finite in float32); float16 z = 2^15, w = 65504 (its largest; -2^31 c), used
   while that is at least 2^20 in log2 units. With these the products and
   their float32 sums are exact, and a visible score gains exact zeros.
 
@@ -224,7 +228,7 @@ def _factor_tables(plan, dtype, c):
     return None
   if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
     z, w = 1.0, 2.0 ** 100 / c
-    if not 2.0 ** 100 <= w < 2.0 ** 127:
+    if not 2.0 ** -20 <= c <= 2.0 ** 10:   # w in [2^90, 2^120]
       return None
   else:
     z, w = 2.0 ** 15, 65504.0

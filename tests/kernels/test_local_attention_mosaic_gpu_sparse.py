@@ -167,6 +167,29 @@ def test_forward_mask_path_of_cases():
   assert got == [False] + [True] * (len(got) - 1)
 
 
+@pytest.mark.parametrize("dtype,c,used", [
+    (jnp.bfloat16, 0.125 * np.log2(np.e), True),
+    (jnp.bfloat16, 2.0 ** 10, True), (jnp.bfloat16, 2.0 ** 11, False),
+    (jnp.bfloat16, 2.0 ** -21, False), (jnp.float16, 0.125, True),
+    (jnp.float16, 2.0 ** -12, False)])
+def test_forward_mask_factor_scales(dtype, c, used):
+  # Where the mask matmul is used (else bias tiles), a masked score in log2
+  # units, c (Q1 K1^T), is at most 128 times the running max's floor (256
+  # up to w's rounding to the dtype), far below it, and a visible one gets
+  # exactly 0; the products stay finite.
+  plan = _plan((16, 24), 5, 1, 1, False, None)
+  t = na._factor_tables(plan, dtype, c)
+  assert (t is not None) == used
+  if not used:
+    return
+  q1 = np.asarray(t["q1"], np.float64).reshape(-1, 64, 16)[0]
+  k1 = np.asarray(t["k1"], np.float64).reshape(-1, 64, 16)
+  s = c * np.einsum("rj,ukj->urk", q1, k1)      # every tile vs query tile 0
+  assert np.all(np.isfinite(s)) and t["floor"] < -2.0 ** 19
+  assert np.all((s == 0) | (s <= 128 * t["floor"]))
+  assert (s == 0).any() and (s < 0).any()   # which: plan test of the factors
+
+
 @pytest.mark.parametrize("matmul,scoped,dv", [
     (False, False, 64), (False, True, 64), (True, False, 64),
     (True, True, 64), (True, True, 128)])
