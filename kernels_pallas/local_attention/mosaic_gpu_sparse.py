@@ -201,18 +201,20 @@ _THIN = (plgpu.TilingTransform((8, FACTOR_COLS)), plgpu.SwizzleTransform(32))
 
 
 def _factor_tables(plan, dtype, c):
-  """The forward's mask factors as device arrays (`MASK_AS_MATMUL`), or
-  None (switch off, a plan with over FACTOR_COLS interval classes a tile,
-  e.g. 1-D tiles of 64, or a scale the masked value cannot swamp).
+  """The mask factors and lists of all three kernels as device arrays
+  (`MASK_AS_MATMUL`), or None: bias tiles (switch off, a plan with over
+  FACTOR_COLS interval classes a tile, e.g. 1-D tiles of 64, or a scale
+  the masked value cannot swamp).
 
   q1 = z one-hot classes [R, 16], k1 = 0 / -w [U * 64, 16] in the input
   dtype: a masked score gets -z w (once per failing axis) before the
   multiplication by c (> 0), so z w c must dwarf any real score: bfloat16
   z = 1, w = 2^100 / c (a bias of about -2^100 in log2 units, like
   common.MASK; used for 2^-20 <= c <= 2^10, so that three failing axes,
-  <= 3 2^120, stay finite in float32); float16 z = 2^15, w = 65504 (its largest; -2^31 c), used
-  while that is at least 2^20 in log2 units. With these the products and
-  their float32 sums are exact, and a visible score gains exact zeros.
+  <= 3 2^120, stay finite in float32); float16 z = 2^15, w = 65504 (its
+  largest; -2^31 c), used while that is at least 2^20 in log2 units.
+  With these the products and their float32 sums are exact, and a visible
+  score gains exact zeros.
 
   "floor" (= -z w c / 256, log2 units) bounds the running max from below.
   The compilers may fuse s c - m into one FMA (exact s c, rounded m): in
@@ -255,25 +257,38 @@ def _lists(tiles, ids):
                             mode="edge"), jnp.int32)
 
 
+def _thin_block(row_of):
+  """Pipeline block: [64, FACTOR_COLS] tile row_of(i) of a q1 or k1 table."""
+  return plgpu.BlockSpec((BLOCK, FACTOR_COLS), lambda i: (row_of(i), 0),
+                         transforms=_THIN)
+
+
+def _mask_operands(tabs, factors, bias_name):
+  """The kernel's mask inputs after its lists: the bias table `bias_name`
+  of `_tables`, or (k1, q1) of `_factor_tables`."""
+  if factors is None:
+    return (tabs[bias_name],)
+  return factors["k1"], factors["q1"]
+
+
 def _list_smem(tabs, name):
   """SMEM scratch for one CTA's row of the [n, 2, W] list `tabs[name]`."""
   return plgpu.SMEM(tabs[name].shape[1:], jnp.int32)
 
 
-def _partner_specs(lay, cta_list, cols, mask_cols=BLOCK):
+def _partner_specs(lay, cta_list, cols, thin=False):
   """Pipeline blocks of step i: the partner tile cta_list[0, i] of [*, c]
   operands (c in `cols`, addressed by the layout; None for a [B, H, R]
-  vector in plan-row order), then its [64, 64] mask bias tile
-  cta_list[1, i]. cta_list is the CTA's [2, W] row of the lists, in SMEM
-  (TMA-loaded with the CTA's own tile, so the index maps do not read GMEM
-  each step: forward 1.04x, dk/dv 1.06x) or in GMEM."""
-  tile_of = lambda i: cta_list[0, i]
+  vector in plan-row order), then its mask cta_list[1, i]: a [64, 64] bias
+  tile, or (`thin`) a [64, 16] k1 tile. cta_list is the CTA's [2, W] row
+  of the lists, in SMEM (TMA-loaded with the CTA's own tile, so the index
+  maps do not read GMEM each step: forward 1.04x, dk/dv 1.06x) or in
+  GMEM."""
+  tile_of, mask_of = (lambda i: cta_list[0, i]), (lambda i: cta_list[1, i])
   return [lay.partner_spec(c, tile_of) if c else
           plgpu.BlockSpec((BLOCK,), lambda i: (tile_of(i),)) for c in cols
-          ] + [tiles_lib.row_block(BLOCK, lambda i: cta_list[1, i])
-               if mask_cols == BLOCK else
-               plgpu.BlockSpec((BLOCK, mask_cols), lambda i: (cta_list[1, i], 0),
-                               transforms=_THIN)]
+          ] + [_thin_block(mask_of) if thin else
+               tiles_lib.row_block(BLOCK, mask_of)]
 
 
 def _bias(smem):
@@ -388,7 +403,7 @@ def _forward(q, k, v, lay, *, scale, interpret):
     m, l, acc = plgpu.emit_pipeline(
         body, grid=(count_ref[qt],),
         in_specs=_partner_specs(lay, list_smem, (d, dv),
-                                BLOCK if factors is None else FACTOR_COLS),
+                                thin=factors is not None),
         max_concurrent_steps=min(2, width), init_carry=init,
     )(lay.partner_ref(k_ref, bb, kvh), lay.partner_ref(v_ref, bb, kvh),
       mask_ref)
@@ -418,11 +433,10 @@ def _forward(q, k, v, lay, *, scale, interpret):
                  plgpu.SMEM((BLOCK, d), dtype, transforms=_TILED),)]
   out_type = (jax.ShapeDtypeStruct(lay.out_shape(h, dv), dtype),
               jax.ShapeDtypeStruct((b, h, lay.plan.n_rows), jnp.float32))
-  masks = ((tabs["bias"],) if factors is None else
-           (factors["k1"], factors["q1"]))
   return _kernel_call(
       kernel, out_type, "q", lay, b, h, scratch, interp,
-      q, k, v, tabs["kv_list"], tabs["kv_count"], *masks)
+      q, k, v, tabs["kv_list"], tabs["kv_count"],
+      *_mask_operands(tabs, factors, "bias"))
 
 
 # --------------------------------------------------------------- backward ---
@@ -490,7 +504,7 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
         body, grid=(count_ref[qt],),
         in_specs=_partner_specs(lay, list_ref.at[qt] if factors is None
                                 else list_smem, (d, dv),
-                                BLOCK if factors is None else FACTOR_COLS),
+                                thin=factors is not None),
         max_concurrent_steps=min(2, width),
         init_carry=plgpu.layout_cast(jnp.zeros((BLOCK, d), jnp.float32),
                                      _WGMMA),
@@ -507,12 +521,11 @@ def _backward_dq(q, k, v, do, lse, delta, lay, *, scale, interpret):
              None if factors is None else _list_smem(tabs, "kv_list"),
              plgpu.Barrier(num_barriers=4),
              _stage(lay, interp, dtype, 1, (d, dv))]
-  masks = ((tabs["bias"],) if factors is None else
-           (factors["k1"], factors["q1"]))
   return _kernel_call(
       kernel, jax.ShapeDtypeStruct(q.shape, dtype), "q",
       lay, b, h, scratch, interp, q, k, v, do, lse, delta,
-      tabs["kv_list"], tabs["kv_count"], *masks)
+      tabs["kv_list"], tabs["kv_count"],
+      *_mask_operands(tabs, factors, "bias"))
 
 
 def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
@@ -574,12 +587,9 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
     dk, dv_ = plgpu.emit_pipeline(
         body, grid=(count_ref[kt],),
         in_specs=_partner_specs(
-            lay, list_smem, (d, dv, None, None),
-            BLOCK if factors is None else FACTOR_COLS) + (
-                [] if factors is None else   # the partner query tile's q1
-                [plgpu.BlockSpec((BLOCK, FACTOR_COLS),
-                                 lambda i: (list_smem[0, i], 0),
-                                 transforms=_THIN)]),
+            lay, list_smem, (d, dv, None, None), thin=factors is not None
+        ) + ([] if factors is None else   # the partner query tile's q1
+             [_thin_block(lambda i: list_smem[0, i])]),
         max_concurrent_steps=min(2, width), init_carry=init,
     )(lay.partner_ref(q_ref, bb, hh), lay.partner_ref(do_ref, bb, hh),
       lse_ref.at[bb, hh], delta_ref.at[bb, hh], mask_ref,
@@ -605,11 +615,10 @@ def _backward_dkv(q, k, v, do, lse, delta, lay, *, scale, interpret):
            (lambda x: (b, lay.plan.n_rows, h, x)))
   out_type = (jax.ShapeDtypeStruct(shape(d), out_dtype),
               jax.ShapeDtypeStruct(shape(dv), out_dtype))
-  masks = ((tabs["bias_t"],) if factors is None else
-           (factors["k1"], factors["q1"]))
   return _kernel_call(
       kernel, out_type, "kv", lay, b, h, scratch, interp,
-      q, k, v, do, lse, delta, tabs["q_list"], tabs["q_count"], *masks)
+      q, k, v, do, lse, delta, tabs["q_list"], tabs["q_count"],
+      *_mask_operands(tabs, factors, "bias_t"))
 
 
 # ------------------------------------------------------------ entry point ---
