@@ -87,13 +87,16 @@ SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
 # for the last stores; acc / l divided element by element), and the
 # neighborhood forward's bias tiles instead of its mask matmul (section 4r;
 # mosaic_gpu_sparse.MASK_AS_MATMUL off), and its forward with Q in SMEM for
-# the whole kernel (SCOPED_Q off; section 4r).
+# the whole kernel (SCOPED_Q off; section 4r), and the sliding-window
+# forwards with every score scaled before the softmax (mosaic_gpu.FOLD_SCALE
+# off; section 4s).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
 DIVIDE = "mosaic_gpu_divide"
 OLD_EPILOGUE = "mosaic_gpu_old_epilogue"
 NA_BIAS_MASK = "mosaic_gpu_bias_mask"
 NA_LONG_Q = "mosaic_gpu_kernel_long_q"
+SWA_UNFOLDED = "mosaic_gpu_unfolded_scale"
 _COMMON = mosaic_gpu_common
 SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             FULL_EXIT_WAIT: {(_COMMON, "EXIT_READ_ONLY"): False},
@@ -101,7 +104,8 @@ SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             OLD_EPILOGUE: {(_COMMON, "EXIT_READ_ONLY"): False,
                            (_COMMON, "NORMALIZE_BY_INVERSE"): False},
             NA_BIAS_MASK: {(na_mosaic_gpu, "MASK_AS_MATMUL"): False},
-            NA_LONG_Q: {(na_mosaic_gpu, "SCOPED_Q"): False}}
+            NA_LONG_Q: {(na_mosaic_gpu, "SCOPED_Q"): False},
+            SWA_UNFOLDED: {(swa_mosaic_gpu, "FOLD_SCALE"): False}}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(

@@ -91,10 +91,14 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     no gain on the H200 (BENCHMARKS.md section 4i), so off by default.
 
 Masked scores are a large finite negative (not -inf), so a row whose first
-tiles are all masked never takes inf - inf; its junk sums are scaled by
-exp2(-1e30 - m) = 0 once a visible key arrives (every real query sees
-itself). Padded queries (rows >= T) are computed and sliced off; their
-output cotangent is 0, so they add nothing to dk/dv.
+tiles are all masked never takes inf - inf. The forwards fold the scale
+into the exponent, 2^(s c - m) with c = scale log2(e) (`FOLD_SCALE`, one
+FMA an element), and floor the running max m far above the masked value
+(`_FOLD_FLOOR`), so masked terms are exactly 0; a row that sees no key at
+all (only padded rows) ends with l = 0, raised to the smallest normal
+float (`_seen`) so that its o is 0 and its lse finite. Padded queries
+(rows >= T) are computed and sliced off; their output cotangent is 0, so
+they add nothing to dk/dv.
 
 Supported: bfloat16/float16 inputs (float32 raises ValueError), D and V in
 (64, 128) (other head dims raise ValueError: no zero-padding here), any
@@ -143,15 +147,48 @@ def supports(d: int, dv: int, dtype) -> bool:
 # ---------------------------------------------------------------- forward ---
 
 
-def _online_softmax(s, m, l, acc, interior, visible):
-  """One key tile of the online softmax: s [bq, bk] scores in log2 units,
-  masked where not visible() unless `interior`; the running row max m and
-  sum l [bq] and the output accumulator acc [bq, V] -> (m, l, acc rescaled
-  to the new max, p [bq, bk] float32)."""
-  s = _edge_mask(s, interior, visible, _MASK)
-  m_new = jnp.maximum(m, s.max(axis=1))
+# FOLD_SCALE: the forwards take the raw scores s = q . k and apply
+# c = scale log2(e) to the row max and inside exp2's argument,
+# 2^(s c - m), one FMA an element, instead of multiplying every score by c
+# first and subtracting m after (a multiply and a subtraction). 1.03-1.04x
+# for the forward kernels on the H100 (BENCHMARKS.md 4s); bench.py's
+# "mosaic_gpu_unfolded_scale" turns it off. Folded only while _MASK / c stays
+# finite and far below any real score.
+FOLD_SCALE = True
+# The folded exponent can become one FMA: s c exact minus a rounded m. In a
+# row whose keys so far are all masked, m ~ _MASK carries an error of ~2^76,
+# and 2^(s c - m) could be 2^(+2^76) = inf (interpret-mode tests at scale 3
+# caught it; the neighborhood forward has the same guard,
+# mosaic_gpu_sparse._factor_tables). A running max floored far below any
+# real score but far above _MASK makes every masked term 2^(<= _MASK / 2) = 0.
+_FOLD_FLOOR = _MASK / 256
+
+
+def _seen(l):
+  """The row sums l at the end of a forward, with 0 (a row that saw no key:
+  with the floored max every masked term is 0) raised to the smallest normal
+  float32, so that o = 0 and lse stays finite there, as the backward needs
+  (delta = dO . o, and 2^(s c - lse) is masked to 0, not inf * 0). Only
+  padded query rows (>= T) see no key; a row that saw one has l >= ~1 (its
+  max's term is 2^0) and is unchanged."""
+  return jnp.maximum(l, jnp.finfo(jnp.float32).tiny)
+
+
+def _online_softmax(s, m, l, acc, interior, visible, c):
+  """One key tile of the online softmax: s [bq, bk] raw scores q . k, c
+  = scale log2(e) (m, l and the saved lse are in log2 units), masked where
+  not visible() unless `interior`; the running row max m and sum l [bq] and
+  the output accumulator acc [bq, V] -> (m, l, acc rescaled to the new max,
+  p [bq, bk] float32)."""
+  if FOLD_SCALE and 2.0 ** -20 <= c <= 2.0 ** 20:
+    s = _edge_mask(s, interior, visible, _MASK / c)
+    m_new = jnp.maximum(jnp.maximum(m, s.max(axis=1) * c), _FOLD_FLOOR)
+    p = jnp.exp2(s * c - _bcast(m_new, s.shape, 0))
+  else:
+    s = _edge_mask(s * c, interior, visible, _MASK)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
   alpha = jnp.exp2(m - m_new)
-  p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
   l = l * alpha + p.sum(axis=1)
   return m_new, l, acc * _bcast(alpha, acc.shape, 0), p
 
@@ -191,9 +228,9 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
             lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
             [(bq, bk)])
         m, l, acc, p = _online_softmax(
-            s * c, m, l, acc, interior, lambda: _visible(
+            s, m, l, acc, interior, lambda: _visible(
                 q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-                keys_on_rows=False))
+                keys_on_rows=False), c)
         p16 = _a_operand(p.astype(dtype), p_smem)
         (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
                                    (acc,), interp)
@@ -216,6 +253,7 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
         out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
         init_carry=init)
     m, l, acc = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+    l = _seen(l)
     o_smem[...] = common.normalize(acc, l).astype(dtype)
     lse_smem[...] = m + jnp.log(l) * _LOG2E
     plgpu.commit_smem()
@@ -283,6 +321,7 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
           plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA)))
       turns.end()
       o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]
+      l = _seen(l)
       o_smem[...] = common.normalize(acc, l).astype(dtype)  # Q done
       lse_smem[...] = m + jnp.log(l) * _LOG2E
       plgpu.commit_smem()
@@ -300,9 +339,9 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
           turns.turn()
         (s,) = _products(qk, [(bq, bk)])
         m, l, acc, p = _online_softmax(
-            s * c, m, l, acc, interior, lambda: _visible(
+            s, m, l, acc, interior, lambda: _visible(
                 q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-                keys_on_rows=False))
+                keys_on_rows=False), c)
         p16 = _a_operand(p.astype(dtype), p_smem)
         turns.turn()
         (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),

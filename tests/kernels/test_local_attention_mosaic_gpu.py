@@ -233,6 +233,36 @@ def test_interpret_warp_specialized_forward_matches_oracle(t, h, hkv, dtype,
     _check_close(g, g_ref, name)
 
 
+@pytest.mark.parametrize("forward", ["single", "warp_specialized"])
+@pytest.mark.parametrize("fold,scale", [
+    (True, 0.125), (False, 0.125), (True, 3.0), (True, 2.0 ** -24)])
+def test_interpret_forward_scale_folding(forward, fold, scale, monkeypatch):
+  # The forwards with the scale folded into exp2's argument (FOLD_SCALE, the
+  # default; off: bench.py's mosaic_gpu_unfolded_scale), and a scale too
+  # small to fold (2^-24 log2 e < 2^-20: scaled first): output and lse
+  # against float64 NumPy on a window with masked edges on both sides,
+  # D != V, GQA, T not a block multiple. At scale 3 the folded exponent gave
+  # non-finite rows in interpret mode before _FOLD_FLOOR.
+  monkeypatch.setattr(swa_gpu, "FOLD_SCALE", fold)
+  t, h, hkv, left, right = 300, 4, 2, 100, 7
+  q, k, _, _ = _inputs(t, h, hkv, 128, jnp.bfloat16, seed=21)
+  v = jax.random.normal(jax.random.key(22), (1, t, hkv, 64),
+                        jnp.float32).astype(jnp.bfloat16)
+  o, lse = swa_gpu.forward_with_lse(q, k, v, left=left, right=right,
+                                    scale=scale, interpret=True,
+                                    forward=forward)
+  qf, kf, vf = (np.repeat(np.asarray(x, np.float64), h // hkv, axis=2)
+                if x is not q else np.asarray(x, np.float64)
+                for x in (q, k, v))
+  s = np.einsum("bihd,bjhd->bhij", qf, kf) * scale
+  s = np.where(_band(t, left, right, t), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  want_lse = np.log(p.sum(-1)) + s.max(-1)
+  want_o = np.einsum("bhij,bjhv->bihv", p / p.sum(-1, keepdims=True), vf)
+  _check_close(o, want_o, "o")
+  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=0, atol=5e-2)
+
+
 def test_interpret_warp_specialized_forward_pingpong_is_bitwise_neutral():
   # Taking turns changes when each warpgroup computes, not what; the
   # warpgroups of a CTA skip different steps here (causal window 300 on
