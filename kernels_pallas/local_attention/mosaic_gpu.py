@@ -150,7 +150,7 @@ def supports(d: int, dv: int, dtype) -> bool:
 # FOLD_SCALE: the forwards take the raw scores s = q . k and apply
 # c = scale log2(e) to the row max and inside exp2's argument,
 # 2^(s c - m), one FMA an element, instead of multiplying every score by c
-# first and subtracting m after (a multiply and a subtraction). 1.03-1.04x
+# first and subtracting m after (a multiply and a subtraction). 1.02-1.04x
 # for the forward kernels on the H100 (BENCHMARKS.md 4s); bench.py's
 # "mosaic_gpu_unfolded_scale" turns it off. Folded only while _MASK / c stays
 # finite and far below any real score.
