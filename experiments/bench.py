@@ -26,7 +26,9 @@ landed, `mosaic_gpu_common.EXIT_READ_ONLY` off) and "mosaic_gpu_divide"
 "mosaic_gpu_bias_mask" (the forward adds [64, 64] bias tiles instead of
 its mask matmul, `mosaic_gpu_sparse.MASK_AS_MATMUL` off) and
 "mosaic_gpu_kernel_long_q" (its forward with `SCOPED_Q` off: Q in SMEM for
-the whole kernel, two CTAs an SM);
+the whole kernel, two CTAs an SM); for sliding_window_attention
+"mosaic_gpu_unfolded_scale" (its forwards scale every score before the
+softmax, `mosaic_gpu.FOLD_SCALE` off);
 for any op "mosaic_gpu_batch_fastest" (the old launch order).
 
 Examples:
@@ -115,7 +117,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
     f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {NA_BIAS_MASK}, {NA_LONG_Q} "
-    f"(neighborhood_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
+    f"(neighborhood_attention), {SWA_UNFOLDED} (sliding_window_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "

@@ -155,12 +155,10 @@ def supports(d: int, dv: int, dtype) -> bool:
 # "mosaic_gpu_unfolded_scale" turns it off. Folded only while _MASK / c stays
 # finite and far below any real score.
 FOLD_SCALE = True
-# The folded exponent can become one FMA: s c exact minus a rounded m. In a
-# row whose keys so far are all masked, m ~ _MASK carries an error of ~2^76,
-# and 2^(s c - m) could be 2^(+2^76) = inf (interpret-mode tests at scale 3
-# caught it; the neighborhood forward has the same guard,
-# mosaic_gpu_sparse._factor_tables). A running max floored far below any
-# real score but far above _MASK makes every masked term 2^(<= _MASK / 2) = 0.
+# The running max's floor with the scale folded (`common.softmax_step`): in
+# a row whose keys so far are all masked, m ~ _MASK carries an error of
+# ~2^76, and an unfloored 2^(s c - m) gave inf at scale 3 in the interpret
+# tests. With m >= _MASK / 256 every masked term is 2^(<= _MASK / 2) = 0.
 _FOLD_FLOOR = _MASK / 256
 
 
@@ -182,12 +180,10 @@ def _online_softmax(s, m, l, acc, interior, visible, c):
   p [bq, bk] float32)."""
   if FOLD_SCALE and 2.0 ** -20 <= c <= 2.0 ** 20:
     s = _edge_mask(s, interior, visible, _MASK / c)
-    m_new = jnp.maximum(jnp.maximum(m, s.max(axis=1) * c), _FOLD_FLOOR)
-    p = jnp.exp2(s * c - _bcast(m_new, s.shape, 0))
-  else:
-    s = _edge_mask(s * c, interior, visible, _MASK)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
+    return common.softmax_step(s, m, l, acc, c, _FOLD_FLOOR)
+  s = _edge_mask(s * c, interior, visible, _MASK)
+  m_new = jnp.maximum(m, s.max(axis=1))
+  p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
   alpha = jnp.exp2(m - m_new)
   l = l * alpha + p.sum(axis=1)
   return m_new, l, acc * _bcast(alpha, acc.shape, 0), p

@@ -384,13 +384,12 @@ def _forward(q, k, v, lay, *, scale, interpret):
         s = s * c + _bias(mask_smem)                   # log2 units, masked
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
+        alpha = jnp.exp2(m - m_new)
+        l = l * alpha + p.sum(axis=1)
+        acc = acc * _bcast(alpha, acc.shape, 0)
       else:                                            # c > 0
-        m_new = jnp.maximum(jnp.maximum(m, s.max(axis=1) * c),
-                            factors["floor"])
-        p = jnp.exp2(s * c - _bcast(m_new, s.shape, 0))
-      alpha = jnp.exp2(m - m_new)
-      l = l * alpha + p.sum(axis=1)
-      acc = acc * _bcast(alpha, acc.shape, 0)
+        m_new, l, acc, p = common.softmax_step(s, m, l, acc, c,
+                                               factors["floor"])
       p16 = common.a_operand(p.astype(dtype), p_smem)
       (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
                                  (acc,), interp)
