@@ -28,7 +28,9 @@ its mask matmul, `mosaic_gpu_sparse.MASK_AS_MATMUL` off) and
 "mosaic_gpu_kernel_long_q" (its forward with `SCOPED_Q` off: Q in SMEM for
 the whole kernel, two CTAs an SM); for sliding_window_attention
 "mosaic_gpu_unfolded_scale" (its forwards scale every score before the
-softmax, `mosaic_gpu.FOLD_SCALE` off);
+softmax, `mosaic_gpu.FOLD_SCALE` off), "mosaic_gpu_dq_waits_both" (its dq
+kernel waits for S and dP together, `mosaic_gpu_backward.OVERLAP_EXP` off)
+and "mosaic_gpu_pv_first" (its dk/dv step in `PV_FIRST`'s order);
 for any op "mosaic_gpu_batch_fastest" (the old launch order).
 
 Examples:
@@ -62,6 +64,7 @@ import attnlib as al
 import kernel_profile
 from kernels_pallas import mosaic_gpu_common
 from kernels_pallas.local_attention import mosaic_gpu as swa_mosaic_gpu
+from kernels_pallas.local_attention import mosaic_gpu_backward as swa_mosaic_gpu_backward
 from kernels_pallas.local_attention import mosaic_gpu_sparse as na_mosaic_gpu
 from kernels_pallas.sigmoid_attention import mosaic_gpu as sigmoid_mosaic_gpu
 
@@ -91,7 +94,9 @@ SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
 # mosaic_gpu_sparse.MASK_AS_MATMUL off), and its forward with Q in SMEM for
 # the whole kernel (SCOPED_Q off; section 4r), and the sliding-window
 # forwards with every score scaled before the softmax (mosaic_gpu.FOLD_SCALE
-# off; section 4s).
+# off; section 4s), and its dq kernel waiting for both products at once
+# (mosaic_gpu_backward.OVERLAP_EXP off; section 4t) or its dk/dv kernel's
+# step in PV_FIRST's order (on; prepared in 4t, untimed).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
 DIVIDE = "mosaic_gpu_divide"
@@ -99,6 +104,8 @@ OLD_EPILOGUE = "mosaic_gpu_old_epilogue"
 NA_BIAS_MASK = "mosaic_gpu_bias_mask"
 NA_LONG_Q = "mosaic_gpu_kernel_long_q"
 SWA_UNFOLDED = "mosaic_gpu_unfolded_scale"
+SWA_DQ_WAITS_BOTH = "mosaic_gpu_dq_waits_both"
+SWA_PV_FIRST = "mosaic_gpu_pv_first"
 _COMMON = mosaic_gpu_common
 SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             FULL_EXIT_WAIT: {(_COMMON, "EXIT_READ_ONLY"): False},
@@ -107,7 +114,9 @@ SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
                            (_COMMON, "NORMALIZE_BY_INVERSE"): False},
             NA_BIAS_MASK: {(na_mosaic_gpu, "MASK_AS_MATMUL"): False},
             NA_LONG_Q: {(na_mosaic_gpu, "SCOPED_Q"): False},
-            SWA_UNFOLDED: {(swa_mosaic_gpu, "FOLD_SCALE"): False}}
+            SWA_UNFOLDED: {(swa_mosaic_gpu, "FOLD_SCALE"): False},
+            SWA_DQ_WAITS_BOTH: {(swa_mosaic_gpu_backward, "OVERLAP_EXP"): False},
+            SWA_PV_FIRST: {(swa_mosaic_gpu_backward, "PV_FIRST"): True}}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -117,7 +126,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
     f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {NA_BIAS_MASK}, {NA_LONG_Q} "
-    f"(neighborhood_attention), {SWA_UNFOLDED} (sliding_window_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
+    f"(neighborhood_attention), {SWA_UNFOLDED}, {SWA_DQ_WAITS_BOTH}, {SWA_PV_FIRST} (sliding_window_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "

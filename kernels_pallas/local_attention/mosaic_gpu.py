@@ -65,7 +65,9 @@ to the input dtype before P V, dS K etc. as in FlashAttention.
     visit more masked keys at narrow windows; "auto" (the default) picks it
     for windows left + right + 1 >= _WS_MIN_WIDTH.
   dq:      per query tile, over the same key tiles: p from lse, dp = dO V^T;
-    first delta = rowsum(dO * o) of its tile, an output for dk/dv.
+    first delta = rowsum(dO * o) of its tile, an output for dk/dv. A step
+    issues S and dP together and computes p as soon as S is done, while dP
+    is still on the tensor cores (`mosaic_gpu_backward.OVERLAP_EXP`).
   dk/dv:   per key tile and QUERY head, over the query tiles reaching it;
     with GQA the H // Hkv heads of a group are summed in XLA (float32).
     That is the default (`backward="split"`). The option
@@ -109,10 +111,12 @@ mosaic_gpu_backward.py the backward kernels; mosaic_gpu_band.py the band
 geometry (`tile_range`, `_interior`, `_visible`) and constants they share.
 
 Interpret mode (`interpret=True`: Mosaic GPU's CPU interpreter, jax 0.11.2)
-runs the same kernels with two differences it forces: wgmma A operands that
-live in registers on the GPU (P, dS) go through SMEM scratch, and the
+runs the same kernels with three differences it forces: wgmma A operands
+that live in registers on the GPU (P, dS) go through SMEM scratch, the
 accumulators start at zero with the carried value added afterwards (no
-`run_state` there).
+`run_state` there), and the dq kernel awaits S and dP together (the
+interpreter does not model wgmma's asynchrony, so OVERLAP_EXP's order is
+checked on the GPU and by lowering).
 """
 
 from __future__ import annotations

@@ -22,6 +22,31 @@ from kernels_pallas.local_attention.mosaic_gpu_band import (
     _max_steps, _products, _skip_or, _visible, tile_range, tiles_fastest)
 
 
+# OVERLAP_EXP: the dq kernel waits for the first of a step's two products
+# (S) alone and computes its exponential while the second (dP) still runs
+# on the tensor cores, instead of waiting for both: the dq kernel 1.02-1.03x
+# on the H100, gradients bitwise unchanged (BENCHMARKS.md 4t). The same
+# order made the dk/dv kernel, whose two compute warpgroups already overlap
+# each other, 1-3% slower, so it is not used there. bench.py's
+# "mosaic_gpu_dq_waits_both" turns it off.
+OVERLAP_EXP = True
+
+
+def _exp_under_second(mma, shape, probs, interp):
+  """(probs(first), second): mma(first_ref, second_ref) issues two [shape]
+  float32 products; with OVERLAP_EXP (on the GPU) probs runs on the first
+  while the second is in flight (`wgmma_accumulator_load(wait_n=1)`)."""
+  if not OVERLAP_EXP or interp is not None:
+    first, second = _products(mma, [shape, shape])
+    return probs(first), second
+  def scoped(first_ref, second_ref):
+    mma(first_ref, second_ref)
+    p = probs(plgpu.wgmma_accumulator_load(first_ref, wait_n=1))
+    return p, second_ref[...]
+  return pl.run_scoped(scoped, plgpu.ACC(shape, jnp.float32),
+                       plgpu.ACC(shape, jnp.float32))
+
+
 def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
   """(dq [B, Tp, H, D] q.dtype, delta [B, H, Tp] float32); lse [B, H, Tp]
   float32. delta_i = dO_i . o_i is computed here from the dO and o tiles the
@@ -71,8 +96,9 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
         def mma(s_ref, dp_ref):
           plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
           plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
-        s, dp = _products(mma, [(bq, bk), (bq, bk)])
-        p = jnp.exp2(s * c - _bcast(lse_i, (bq, bk), 0))
+        p, dp = _exp_under_second(
+            mma, (bq, bk), lambda s: jnp.exp2(
+                s * c - _bcast(lse_i, (bq, bk), 0)), interp)
         p = _edge_mask(p, interior, lambda: _visible(
             q0, kt * bk, (bq, bk), t=t, left=left, right=right,
             keys_on_rows=False), 0.0)
@@ -134,6 +160,44 @@ def _dkv_pair(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *, k0,
   pt = _edge_mask(pt, interior, lambda: _visible(
       k0, q0, shape, t=t, left=left, right=right, keys_on_rows=True), 0.0)
   return pt, pt * (dpt - _bcast(delta_j, shape, 1))
+
+
+# PV_FIRST (off; prepared, not yet timed on a GPU): the split dk/dv kernel's
+# step in the order of JAX's attention_mgpu backward: S^T alone, P^T, then
+# dV += P^T dO issued together with dP^T = V dO^T, then dS^T and
+# dK += dS^T Q; instead of S^T and dP^T together first. Two [64, 64] float32
+# tiles live at once instead of three, where the shipped order spills
+# (BENCHMARKS.md 4t). bench.py's "mosaic_gpu_pv_first" turns it on.
+PV_FIRST = False
+
+
+def _dkv_step_pv_first(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+                       dk_acc, dv_acc, *, k0, q0, interior, c, turns, t, left,
+                       right, dtype, pt_smem, ds_smem, interp):
+  """`_dkv_pair` and the two accumulations of a split dk/dv step, in
+  PV_FIRST's order -> (dk_acc, dv_acc)."""
+  shape = (k_smem.shape[0], q_smem.shape[0])
+  def mma(st_ref):
+    plgpu.wgmma(st_ref, k_smem, q_smem.transpose((1, 0)))
+    turns.turn()
+  (st,) = _products(mma, [shape])
+  lse_j = plgpu.load(lse_smem, layout=_COLS)
+  pt = jnp.exp2(st * c - _bcast(lse_j, shape, 1))
+  pt = _edge_mask(pt, interior, lambda: _visible(
+      k0, q0, shape, t=t, left=left, right=right, keys_on_rows=True), 0.0)
+  pt16 = _a_operand(pt.astype(dtype), pt_smem)
+  turns.turn()
+  def mma2(dv_ref, dpt_ref):
+    plgpu.wgmma(dv_ref, pt16, do_smem)
+    plgpu.wgmma(dpt_ref, v_smem, do_smem.transpose((1, 0)))
+  zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), _WGMMA)
+  dv_acc, dpt = common.accumulate(mma2, (dv_acc, zeros), interp)
+  delta_j = plgpu.load(delta_smem, layout=_COLS)
+  dst16 = _a_operand(
+      (pt * (dpt - _bcast(delta_j, shape, 1))).astype(dtype), ds_smem)
+  (dk_acc,) = common.accumulate(lambda r: plgpu.wgmma(r, dst16, q_smem),
+                                (dk_acc,), interp)
+  return dk_acc, dv_acc
 
 
 def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
@@ -233,6 +297,12 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
 
       def step(carry, interior):
         dk_acc, dv_acc = carry
+        if PV_FIRST and not fused:
+          return _dkv_step_pv_first(
+              k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, dk_acc,
+              dv_acc, k0=k0, q0=qt * bq, interior=interior, c=c, turns=turns,
+              t=t, left=left, right=right, dtype=dtype, pt_smem=pt_smem,
+              ds_smem=ds_smem, interp=interp)
         pt, dst = _dkv_pair(k_smem, v_smem, q_smem, do_smem, lse_smem,
                             delta_smem, k0=k0, q0=qt * bq, interior=interior,
                             c=c, turns=turns, t=t, left=left, right=right)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.local_attention import mosaic_gpu as swa_gpu
+from kernels_pallas.local_attention import mosaic_gpu_backward as swa_gpu_backward
 from tests.oracles.sliding_window import sliding_window_attention as oracle
 
 _ON_GPU = jax.default_backend() == "gpu"
@@ -228,6 +229,26 @@ def test_interpret_warp_specialized_forward_matches_oracle(t, h, hkv, dtype,
   s = np.where(_band(t, left, right, t), s, -np.inf)
   want = np.log(np.exp(s - s.max(-1, keepdims=True)).sum(-1)) + s.max(-1)
   np.testing.assert_allclose(np.asarray(lse), want, rtol=0, atol=5e-2)
+  for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
+                            _grads(ref, q, k, v, w)):
+    _check_close(g, g_ref, name)
+
+
+@pytest.mark.parametrize("t,h,hkv,left,right", [
+    (300, 4, 2, 100, 7), (200, 2, 2, 199, 199), (130, 2, 1, 0, 0),
+    (150, 2, 2, 2, 50)])
+def test_interpret_pv_first_dkv_matches_oracle(t, h, hkv, left, right,
+                                               monkeypatch):
+  # The split dk/dv kernel's step in PV_FIRST's order (S^T alone, then
+  # dV += P^T dO together with dP^T, then dK): gradients against the dense
+  # oracle, with GQA, masked edges on both sides, T not a block multiple,
+  # full attention and the diagonal-only window (where dk is exactly 0).
+  monkeypatch.setattr(swa_gpu_backward, "PV_FIRST", True)
+  d = 64
+  q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, seed=31)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=right, scale=0.125, interpret=True)
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=0.125)
   for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
                             _grads(ref, q, k, v, w)):
     _check_close(g, g_ref, name)
@@ -501,6 +522,25 @@ def test_backward_lowers_for_cuda(left, pingpong, backward):
   assert dk.shape == dv.shape == (2, t, 2, 128)
 
 
+@pytest.mark.parametrize("overlap,pv_first", [(True, False), (False, False),
+                                              (True, True)])
+def test_backward_step_orders_lower_for_cuda(overlap, pv_first, monkeypatch):
+  # The dq kernel's early wait for S alone (OVERLAP_EXP, the default) is the
+  # one `wgmma.wait_group 1` of the backward's kernels; without it there is
+  # none. PV_FIRST's dk/dv step lowers too (GQA, T = 16384).
+  monkeypatch.setattr(swa_gpu_backward, "OVERLAP_EXP", overlap)
+  monkeypatch.setattr(swa_gpu_backward, "PV_FIRST", pv_first)
+  t = 16384
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=2047, right=0, scale=128 ** -0.5)
+  grad = lambda q, k, v: jax.grad(
+      lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
+          q, k, v)
+  module = _export(grad, t).mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", module)) == 3
+  assert module.count("wgmma.wait_group.sync.aligned 1") == int(overlap)
+
+
 @pytest.mark.parametrize("h,hkv,d,pingpong", [(4, 2, 128, False),
                                               (2, 2, 64, False),
                                               (2, 2, 128, False),
@@ -620,6 +660,30 @@ def test_gpu_matches_oracle(left, backward, pingpong, forward):
   o = fn(q, k, v)
   assert o.shape == (2, t, h, d) and o.dtype == jnp.bfloat16
   _check_close(o, ref(q, k, v), "o")
+  grads = jax.jit(lambda q, k, v: _grads(fn, q, k, v, w))(q, k, v)
+  for name, g, g_ref in zip(("dq", "dk", "dv"), grads,
+                            _grads(ref, q, k, v, w)):
+    _check_close(g, g_ref, name)
+
+
+@gpu_only
+@pytest.mark.parametrize("pv_first,overlap", [(True, True), (False, False),
+                                              (True, False)])
+@pytest.mark.parametrize("left,right", [(511, 0), (1500, 0), (300, 40)])
+def test_gpu_backward_orders_match_oracle(left, right, pv_first, overlap,
+                                          monkeypatch):
+  # The backward's step orders on the GPU: PV_FIRST (dk/dv; off by default)
+  # and OVERLAP_EXP (dq, on by default: the exponential computed while dP is
+  # still in flight, which interpret mode does not model; off, both
+  # products awaited together), gradients against the dense oracle.
+  monkeypatch.setattr(swa_gpu_backward, "PV_FIRST", pv_first)
+  monkeypatch.setattr(swa_gpu_backward, "OVERLAP_EXP", overlap)
+  t, h, hkv, d = 2048, 4, 2, 128
+  scale = d ** -0.5
+  q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, b=2, seed=41)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=right, scale=scale)
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=scale)
   grads = jax.jit(lambda q, k, v: _grads(fn, q, k, v, w))(q, k, v)
   for name, g, g_ref in zip(("dq", "dk", "dv"), grads,
                             _grads(ref, q, k, v, w)):
