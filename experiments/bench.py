@@ -96,7 +96,7 @@ SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
 # forwards with every score scaled before the softmax (mosaic_gpu.FOLD_SCALE
 # off; section 4s), and its dq kernel waiting for both products at once
 # (mosaic_gpu_backward.OVERLAP_EXP off; section 4t) or its dk/dv kernel's
-# step in PV_FIRST's order (on; prepared in 4t, untimed).
+# step in PV_FIRST's order (on; section 4t).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
 DIVIDE = "mosaic_gpu_divide"

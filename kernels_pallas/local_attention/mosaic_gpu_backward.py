@@ -25,7 +25,8 @@ from kernels_pallas.local_attention.mosaic_gpu_band import (
 # OVERLAP_EXP: the dq kernel waits for the first of a step's two products
 # (S) alone and computes its exponential while the second (dP) still runs
 # on the tensor cores, instead of waiting for both: the dq kernel 1.02-1.03x
-# on the H100, gradients bitwise unchanged (BENCHMARKS.md 4t). The same
+# in two H100 runs (a noisier third did not resolve it), gradients bitwise
+# unchanged (BENCHMARKS.md 4t). The same
 # order made the dk/dv kernel, whose two compute warpgroups already overlap
 # each other, 1-3% slower, so it is not used there. bench.py's
 # "mosaic_gpu_dq_waits_both" turns it off.
@@ -162,7 +163,7 @@ def _dkv_pair(k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, *, k0,
   return pt, pt * (dpt - _bcast(delta_j, shape, 1))
 
 
-# PV_FIRST (off; prepared, not yet timed on a GPU): the split dk/dv kernel's
+# PV_FIRST (off; GPU-tested, one unresolved timing): the split dk/dv kernel's
 # step in the order of JAX's attention_mgpu backward: S^T alone, P^T, then
 # dV += P^T dO issued together with dP^T = V dO^T, then dS^T and
 # dK += dS^T Q; instead of S^T and dP^T together first. Two [64, 64] float32
