@@ -121,18 +121,24 @@ def normalize(acc, l):
   return acc / bcast(l, acc.shape, 0)
 
 
-def softmax_step(s, m, l, acc, c, floor):
-  """One key tile of the online softmax in base 2, the scale folded in: s
-  [rows, keys] raw scores q . k (masked ones hugely negative), c = scale
-  log2(e) > 0, the running row max m and sum l [rows] (log2 units) and the
-  output accumulator acc [rows, V] -> (m, l, acc rescaled to the new max,
-  p [rows, keys] float32). 2^(s c - m) is one FMA an element, and a
-  compiler may contract it so (exact s c, rounded m): in a row whose keys
+def softmax_step(s, m, l, acc, c=None, floor=None):
+  """One key tile of the online softmax in base 2: s [rows, keys] scores
+  (masked ones hugely negative), the running row max m and sum l [rows]
+  (log2 units) and the output accumulator acc [rows, V] -> (m, l, acc
+  rescaled to the new max, p [rows, keys] float32).
+
+  c None: s is already in log2 units. c = scale log2(e) > 0: s holds the raw
+  scores q . k and the scale is folded in, 2^(s c - m), one FMA an element;
+  a compiler may contract it so (exact s c, rounded m): in a row whose keys
   so far are all masked m is off by an ulp of a huge number and the power
   could overflow, so m is floored at `floor`, far below any real score and
   far above the masked ones, which then give exactly 0."""
-  m_new = jnp.maximum(jnp.maximum(m, s.max(axis=1) * c), floor)
-  p = jnp.exp2(s * c - bcast(m_new, s.shape, 0))
+  if c is None:
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.exp2(s - bcast(m_new, s.shape, 0))
+  else:
+    m_new = jnp.maximum(jnp.maximum(m, s.max(axis=1) * c), floor)
+    p = jnp.exp2(s * c - bcast(m_new, s.shape, 0))
   alpha = jnp.exp2(m - m_new)
   l = l * alpha + p.sum(axis=1)
   return m_new, l, acc * bcast(alpha, acc.shape, 0), p

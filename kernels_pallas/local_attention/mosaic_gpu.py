@@ -133,7 +133,7 @@ import jax.numpy as jnp
 from kernels_pallas import mosaic_gpu_common as common
 from kernels_pallas.local_attention.mosaic_gpu_band import (
     _BLOCK, _LOG2E, _MASK, _MEMORY_REGS, _PAD, _PARAMS, _ROWS, _TILED, _WGMMA,
-    _WGS, _a_operand, _bcast, _cta_steps, _edge_mask, _interior, _max_steps,
+    _WGS, _a_operand, _cta_steps, _edge_mask, _interior, _max_steps,
     _WS_MIN_WIDTH, _products, _skip_or, _visible, tile_range, tiles_fastest)
 from kernels_pallas.local_attention.mosaic_gpu_backward import (
     _backward_dkv, _backward_dkv_persistent, _backward_dq, _backward_fused)
@@ -185,12 +185,8 @@ def _online_softmax(s, m, l, acc, interior, visible, c):
   if FOLD_SCALE and 2.0 ** -20 <= c <= 2.0 ** 20:
     s = _edge_mask(s, interior, visible, _MASK / c)
     return common.softmax_step(s, m, l, acc, c, _FOLD_FLOOR)
-  s = _edge_mask(s * c, interior, visible, _MASK)
-  m_new = jnp.maximum(m, s.max(axis=1))
-  p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
-  alpha = jnp.exp2(m - m_new)
-  l = l * alpha + p.sum(axis=1)
-  return m_new, l, acc * _bcast(alpha, acc.shape, 0), p
+  return common.softmax_step(_edge_mask(s * c, interior, visible, _MASK),
+                             m, l, acc)
 
 
 def _forward(q, k, v, *, t, left, right, scale, interpret):

@@ -26,10 +26,9 @@ from kernels_pallas.local_attention.mosaic_gpu_band import (
 # (S) alone and computes its exponential while the second (dP) still runs
 # on the tensor cores, instead of waiting for both: the dq kernel 1.02-1.03x
 # in two H100 runs (a noisier third did not resolve it), gradients bitwise
-# unchanged (BENCHMARKS.md 4t). The same
-# order made the dk/dv kernel, whose two compute warpgroups already overlap
-# each other, 1-3% slower, so it is not used there. bench.py's
-# "mosaic_gpu_dq_waits_both" turns it off.
+# unchanged (BENCHMARKS.md 4t). The same order made the dk/dv kernel, whose
+# two compute warpgroups already overlap each other, 1-3% slower, so it is
+# not used there. bench.py's "mosaic_gpu_dq_waits_both" turns it off.
 OVERLAP_EXP = True
 
 

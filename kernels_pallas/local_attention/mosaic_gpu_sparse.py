@@ -382,11 +382,7 @@ def _forward(q, k, v, lay, *, scale, interpret):
       (s,) = common.products(mma, [(BLOCK, BLOCK)])
       if factors is None:
         s = s * c + _bias(mask_smem)                   # log2 units, masked
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.exp2(s - _bcast(m_new, s.shape, 0))
-        alpha = jnp.exp2(m - m_new)
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * _bcast(alpha, acc.shape, 0)
+        m_new, l, acc, p = common.softmax_step(s, m, l, acc)
       else:                                            # c > 0
         m_new, l, acc, p = common.softmax_step(s, m, l, acc, c,
                                                factors["floor"])
