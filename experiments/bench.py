@@ -30,7 +30,10 @@ the whole kernel, two CTAs an SM); for sliding_window_attention
 "mosaic_gpu_unfolded_scale" (its forwards scale every score before the
 softmax, `mosaic_gpu.FOLD_SCALE` off), "mosaic_gpu_dq_waits_both" (its dq
 kernel waits for S and dP together, `mosaic_gpu_backward.OVERLAP_EXP` off)
-and "mosaic_gpu_pv_first" (its dk/dv step in `PV_FIRST`'s order);
+and "mosaic_gpu_pv_first" (its dk/dv step in `PV_FIRST`'s order) and
+"mosaic_gpu_one_loop" (every kernel's steps in one `emit_pipeline` loop,
+`SPLIT_LOOPS` off in mosaic_gpu and mosaic_gpu_backward) and
+"mosaic_gpu_split_dkv" (the dk/dv kernel's in two, `SPLIT_LOOPS_DKV` on);
 for any op "mosaic_gpu_batch_fastest" (the old launch order).
 
 Examples:
@@ -96,7 +99,9 @@ SWA_FORWARDS = {"mosaic_gpu_single_fwd": "single",
 # forwards with every score scaled before the softmax (mosaic_gpu.FOLD_SCALE
 # off; section 4s), and its dq kernel waiting for both products at once
 # (mosaic_gpu_backward.OVERLAP_EXP off; section 4t) or its dk/dv kernel's
-# step in PV_FIRST's order (on; section 4t).
+# step in PV_FIRST's order (on; section 4t), and its kernels' steps in one
+# loop (SPLIT_LOOPS off in both modules; section 4u) or the dk/dv kernel's
+# in two (SPLIT_LOOPS_DKV on; section 4u).
 BATCH_FASTEST = "mosaic_gpu_batch_fastest"
 FULL_EXIT_WAIT = "mosaic_gpu_full_exit_wait"
 DIVIDE = "mosaic_gpu_divide"
@@ -106,6 +111,8 @@ NA_LONG_Q = "mosaic_gpu_kernel_long_q"
 SWA_UNFOLDED = "mosaic_gpu_unfolded_scale"
 SWA_DQ_WAITS_BOTH = "mosaic_gpu_dq_waits_both"
 SWA_PV_FIRST = "mosaic_gpu_pv_first"
+SWA_ONE_LOOP = "mosaic_gpu_one_loop"
+SWA_SPLIT_DKV = "mosaic_gpu_split_dkv"
 _COMMON = mosaic_gpu_common
 SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             FULL_EXIT_WAIT: {(_COMMON, "EXIT_READ_ONLY"): False},
@@ -116,7 +123,10 @@ SWITCHES = {BATCH_FASTEST: {(_COMMON, "TILES_FASTEST"): False},
             NA_LONG_Q: {(na_mosaic_gpu, "SCOPED_Q"): False},
             SWA_UNFOLDED: {(swa_mosaic_gpu, "FOLD_SCALE"): False},
             SWA_DQ_WAITS_BOTH: {(swa_mosaic_gpu_backward, "OVERLAP_EXP"): False},
-            SWA_PV_FIRST: {(swa_mosaic_gpu_backward, "PV_FIRST"): True}}
+            SWA_PV_FIRST: {(swa_mosaic_gpu_backward, "PV_FIRST"): True},
+            SWA_ONE_LOOP: {(swa_mosaic_gpu, "SPLIT_LOOPS"): False,
+                           (swa_mosaic_gpu_backward, "SPLIT_LOOPS"): False},
+            SWA_SPLIT_DKV: {(swa_mosaic_gpu_backward, "SPLIT_LOOPS_DKV"): True}}
 
 _OP = flags.DEFINE_enum("op", "linear_attention", OPS, "Primitive to time.")
 _IMPLEMENTATION = flags.DEFINE_multi_string(
@@ -126,7 +136,7 @@ _IMPLEMENTATION = flags.DEFINE_multi_string(
     f"({', '.join(YARDSTICKS)}); kernel options: {SWA_FUSED_BWD}, {SWA_PERSISTENT_BWD}, {PINGPONG}, "
     f"{', '.join(SWA_FORWARDS)} (sliding_window_attention), {NO_PINGPONG} (sigmoid_attention), "
     f"{FULL_EXIT_WAIT}, {DIVIDE}, {OLD_EPILOGUE} (those three ops), {NA_BIAS_MASK}, {NA_LONG_Q} "
-    f"(neighborhood_attention), {SWA_UNFOLDED}, {SWA_DQ_WAITS_BOTH}, {SWA_PV_FIRST} (sliding_window_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
+    f"(neighborhood_attention), {SWA_UNFOLDED}, {SWA_DQ_WAITS_BOTH}, {SWA_PV_FIRST}, {SWA_ONE_LOOP}, {SWA_SPLIT_DKV} (sliding_window_attention), {BATCH_FASTEST} (any op's mosaic_gpu).")
 _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _SEQ_LEN = flags.DEFINE_multi_integer(
     "seq_len", [1024], "Sequence lengths (for neighborhood_attention: the size "

@@ -266,7 +266,11 @@ def edge_mask(x, interior, visible, fill):
   only this [64, n] tile: branching between two whole step bodies (their
   wgmmas, the accumulators passing through) made every step of the
   sliding-window dq and dk/dv 10-15% slower on the H200, interior ones
-  included (BENCHMARKS.md section 4d)."""
+  included (BENCHMARKS.md section 4d). A Python bool `interior` (a loop of
+  known edge or interior steps, `mosaic_gpu_pipeline`) decides at trace time,
+  with no cond."""
+  if isinstance(interior, bool):
+    return x if interior else jnp.where(visible(), x, fill)
   return lax.cond(interior, lambda x: x,
                   lambda x: jnp.where(visible(), x, fill), x)
 

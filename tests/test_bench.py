@@ -129,7 +129,9 @@ def test_bench_rejects_a_negative_min_time(tmp_path):
      ["--spatial_dims=2", "--kernel_size=3", "--seq_len=16"]),
     ("sliding_window_attention", bench.SWA_UNFOLDED, ["--window=16"]),
     ("sliding_window_attention", bench.SWA_DQ_WAITS_BOTH, ["--window=16"]),
-    ("sliding_window_attention", bench.SWA_PV_FIRST, ["--window=16"])])
+    ("sliding_window_attention", bench.SWA_PV_FIRST, ["--window=16"]),
+    ("sliding_window_attention", bench.SWA_ONE_LOOP, ["--window=16"]),
+    ("sliding_window_attention", bench.SWA_SPLIT_DKV, ["--window=16"])])
 def test_bench_kernel_options_in_interpret_mode(op, variant, extra, tmp_path):
   """A kernel-option variant runs (Mosaic GPU interpreter) beside the op's
   own mosaic_gpu row."""

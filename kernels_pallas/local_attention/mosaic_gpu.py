@@ -36,17 +36,26 @@ the math (see below for the one load a skipped step still issues).
 Kernels. The forward and dq kernels have one warpgroup = one CTA per
 (query tile, head, batch), grid (B, H, tiles) (`common.tile_grid`: a
 (batch, head)'s tiles launch together and share K, V in L2) for windows of
-1024 keys or more, (tiles, H, B) below (`tiles_fastest`, measured); each
-pipeline is a `plgpu.emit_pipeline` over a static number of steps (the
-largest range of any CTA); step i loads tile start + i (clamped to the
-last tile) with TMA, double-buffered, and a CTA whose range is shorter
-skips its extra steps (`lax.cond`, no math; the TMA load of such a step,
-a clamped tile, still happens and is ignored: only CTAs near the sequence
-ends have shorter ranges). The dk/dv kernel is warp-specialized
+1024 keys or more, (tiles, H, B) below (`tiles_fastest`, measured). Their
+steps run as two loops (`SPLIT_LOOPS`, kernels_pallas/mosaic_gpu_pipeline.py):
+first the CTA's edge tiles, masked, then its interior tiles
+(`interior_range`), with no mask and no cond, K and V double-buffered by
+TMA through one prefetch that runs straight through both loops. A `lax.cond`
+in a step body costs every step even where it is never taken (up to 12%,
+BENCHMARKS.md 4t); on the H100 the two loops made the dq kernel
+1.05-1.07x and the forwards 1.02-1.07x at windows 512 and 2048, both
+1.01x at 128 (4u). With SPLIT_LOOPS off, each is one
+`plgpu.emit_pipeline` over a static number of steps (the largest range of
+any CTA): step i loads tile start + i (clamped to the last tile), a step
+past the CTA's range is skipped (`lax.cond`, no math; its TMA load of a
+clamped tile still happens and is ignored), and a cond per step applies
+the mask on edge tiles only. The dk/dv kernel is warp-specialized
 (`plgpu.emit_pipeline_warp_specialized`): a CTA holds two key tiles, one per
 compute warpgroup, and a third warpgroup streams the union of their query
 tile ranges (`_cta_range`), which both compute warpgroups read, each
-skipping the tiles outside its own range. Its two [64, D] float32
+skipping the tiles outside its own range. It keeps that one loop: in two
+loops (`mosaic_gpu_backward.SPLIT_LOOPS_DKV`) it was as fast at window
+2048 and 0.89x at 512 (4u). Its two [64, D] float32
 accumulators per warpgroup kept the one-warpgroup version at one CTA per SM;
 two compute warpgroups per CTA give the SM two again, and halve the query
 tile loads (1.5x on the H200, BENCHMARKS.md section 4b). The same split was
@@ -108,7 +117,9 @@ T >= 1, block_q = block_kv = 64.
 
 Files: this module has the forward kernels and the op;
 mosaic_gpu_backward.py the backward kernels; mosaic_gpu_band.py the band
-geometry (`tile_range`, `_interior`, `_visible`) and constants they share.
+geometry (`tile_range`, `_interior`, `interior_range`, `_visible`) and
+constants they share; kernels_pallas/mosaic_gpu_pipeline.py the two-loop
+pipelines.
 
 Interpret mode (`interpret=True`: Mosaic GPU's CPU interpreter, jax 0.11.2)
 runs the same kernels with three differences it forces: wgmma A operands
@@ -131,10 +142,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
+from kernels_pallas import mosaic_gpu_pipeline as pipe
 from kernels_pallas.local_attention.mosaic_gpu_band import (
     _BLOCK, _LOG2E, _MASK, _MEMORY_REGS, _PAD, _PARAMS, _ROWS, _TILED, _WGMMA,
-    _WGS, _a_operand, _cta_steps, _edge_mask, _interior, _max_steps,
-    _WS_MIN_WIDTH, _products, _skip_or, _visible, tile_range, tiles_fastest)
+    _WGS, _WS_MIN_WIDTH, _a_operand, _cta_steps, _edge_mask, _interior,
+    _products, _visible, cta_interior, key_steps, tile_range, tiles_fastest)
 from kernels_pallas.local_attention.mosaic_gpu_backward import (
     _backward_dkv, _backward_dkv_persistent, _backward_dq, _backward_fused)
 
@@ -189,6 +201,16 @@ def _online_softmax(s, m, l, acc, interior, visible, c):
                              m, l, acc)
 
 
+# SPLIT_LOOPS: the forwards run their edge steps and their interior steps
+# as two loops fed by one prefetch (`mosaic_gpu_pipeline`), so interior steps
+# carry no cond; off: one `emit_pipeline` loop whose body tells them apart
+# with conds. On the H100 (BENCHMARKS.md 4u): the warp-specialized forward
+# 1.07x at window 2048, the single one 1.02x at 512 and 1.01x at 128.
+# (mosaic_gpu_backward.SPLIT_LOOPS: the dq kernel; bench.py's
+# "mosaic_gpu_one_loop" turns both off.)
+SPLIT_LOOPS = True
+
+
 def _forward(q, k, v, *, t, left, right, scale, interpret):
   """q [B, Tp, H, D] (Tp % 128 == 0) -> (o [B, Tp, H, V] q.dtype,
   lse [B, H, Tp] float32 in log2 units of the scaled scores)."""
@@ -200,7 +222,6 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
   dtype = q.dtype
   c = float(scale) * _LOG2E
   kw = dict(t=t, back=left, ahead=right, block_src=bq, block_dst=bk)
-  max_steps = _max_steps(n, **kw)
   interp = common.interpret_params(interpret)
 
   def swa_forward(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, o_smem,
@@ -214,41 +235,28 @@ def _forward(q, k, v, *, t, left, right, scale, interpret):
     plgpu.copy_gmem_to_smem(q_ref.at[bb, pl.ds(q0, bq), hh], q_smem, bar)
     plgpu.barrier_wait(bar)
 
-    def body(idx, k_smem, v_smem, carry):
-      (i,) = idx
-      kt = start + i
+    def step(carry, k_smem, v_smem, kt, interior):
+      m, l, acc = carry
+      (s,) = _products(
+          lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
+          [(bq, bk)])
+      m, l, acc, p = _online_softmax(
+          s, m, l, acc, interior, lambda: _visible(
+              q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+              keys_on_rows=False), c)
+      p16 = _a_operand(p.astype(dtype), p_smem)
+      (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
+                                 (acc,), interp)
+      return m, l, acc
 
-      def step(carry, interior):
-        m, l, acc = carry
-        (s,) = _products(
-            lambda r: plgpu.wgmma(r, q_smem, k_smem.transpose((1, 0))),
-            [(bq, bk)])
-        m, l, acc, p = _online_softmax(
-            s, m, l, acc, interior, lambda: _visible(
-                q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-                keys_on_rows=False), c)
-        p16 = _a_operand(p.astype(dtype), p_smem)
-        (acc,) = common.accumulate(lambda r: plgpu.wgmma(r, p16, v_smem),
-                                   (acc,), interp)
-        return m, l, acc
-
-      interior = _interior(q0, kt * bk, t=t, left=left, right=right,
-                           block_q=bq, block_kv=bk)
-      return _skip_or(kt < end, interior, step, carry)
-
-    clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
     init = (
         plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), _ROWS),
         plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), _ROWS),
         plgpu.layout_cast(jnp.zeros((bq, dv), jnp.float32), _WGMMA),
     )
-    pipeline = plgpu.emit_pipeline(
-        body, grid=(max_steps,),
-        in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
-                  plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
-        out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
-        init_carry=init)
-    m, l, acc = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+    m, l, acc = key_steps(
+        step, k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], init, qt=qt,
+        start=start, end=end, t=t, left=left, right=right, split=SPLIT_LOOPS)
     l = _seen(l)
     o_smem[...] = common.normalize(acc, l).astype(dtype)
     lse_smem[...] = m + jnp.log(l) * _LOG2E
@@ -299,7 +307,7 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
 
   def swa_forward_ws(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, o_smem2,
                      lse_smem2, bars, turns_bar, *maybe_p):
-    wg, hh, kvh, bb, qt, start, _, own_start, own_end = common.cta(
+    wg, hh, kvh, bb, qt, start, cta_end, own_start, own_end = common.cta(
         "q", group, jnp_range, _WGS)   # qt: this warpgroup's query tile
     q0 = qt * bq
     q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
@@ -325,9 +333,9 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bb, hh, rows])
       common.wait_stores_at_exit()
 
-    def body(idx, k_smem, v_smem, carry):
-      kt = start + idx[0]
-
+    def at(kt, k_smem, v_smem, carry, interior=None):
+      """One step on key tile kt; interior None: decided here (skipped
+      outside the warpgroup's range, masked on an edge tile)."""
       def step(carry, interior):
         m, l, acc = carry
         def qk(r):
@@ -344,14 +352,31 @@ def _forward_ws(q, k, v, *, t, left, right, scale, interpret, pingpong=True):
                                    (acc,), interp)
         return m, l, acc
 
+      if interior is not None:
+        return step(carry, interior)
       valid = (kt >= own_start) & (kt < own_end)
       interior = _interior(q0, kt * bk, t=t, left=left, right=right,
                            block_q=bq, block_kv=bk)
       return turns.skip_or(valid, interior, step, carry)
 
+    if SPLIT_LOOPS:
+      ct = lax.axis_index("q")      # (qt is wrong on the memory warpgroup)
+      lo, hi = cta_interior([_WGS * ct + i for i in range(_WGS)],
+                            start=start, end=cta_end, t=t, left=left,
+                            right=right, block_q=bq, block_kv=bk)
+      keys = lambda kt: pl.ds(kt * bk, bk)
+      pipe.warp_specialized(
+          at, [(lambda kt: k_ref.at[bb, keys(kt), kvh], (bk, d), dtype,
+                _TILED),
+               (lambda kt: v_ref.at[bb, keys(kt), kvh], (bk, dv), dtype,
+                _TILED)],
+          start=start, lo=lo, hi=hi, end=cta_end, wgs=_WGS,
+          memory_registers=_MEMORY_REGS, compute=compute)
+      return
     clamp = lambda i: (jnp.minimum(start + i, n_k - 1), 0)
     pipeline = plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=_MEMORY_REGS,
+        lambda idx, *refs: at(start + idx[0], *refs),
+        grid=(steps,), memory_registers=_MEMORY_REGS,
         in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
                   plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
         max_concurrent_steps=max(1, min(2, steps)), num_compute_wgs=_WGS,

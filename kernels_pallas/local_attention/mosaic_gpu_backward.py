@@ -16,10 +16,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
+from kernels_pallas import mosaic_gpu_pipeline as pipe
 from kernels_pallas.local_attention.mosaic_gpu_band import (
     _BLOCK, _COLS, _LOG2E, _MEMORY_REGS, _PARAMS, _ROWS, _TILED, _TILED32,
     _WGMMA, _WGS, _a_operand, _bcast, _cta_steps, _edge_mask, _interior,
-    _max_steps, _products, _skip_or, _visible, tile_range, tiles_fastest)
+    _products, _visible, cta_interior, key_steps, tile_range, tiles_fastest)
 
 
 # OVERLAP_EXP: the dq kernel waits for the first of a step's two products
@@ -30,6 +31,17 @@ from kernels_pallas.local_attention.mosaic_gpu_band import (
 # two compute warpgroups already overlap each other, 1-3% slower, so it is
 # not used there. bench.py's "mosaic_gpu_dq_waits_both" turns it off.
 OVERLAP_EXP = True
+
+# SPLIT_LOOPS: the dq kernel runs its edge steps and its interior steps as
+# two loops fed by one prefetch (`mosaic_gpu_pipeline`), so interior steps
+# carry no cond; off: one `emit_pipeline` loop whose body tells them apart
+# with conds. On the H100 the dq kernel 1.07x at window 2048, 1.05x at 512,
+# 1.01x at 128 (BENCHMARKS.md 4u). SPLIT_LOOPS_DKV (off): the same for the split dk/dv
+# kernel, which it did not help: as fast at 2048, 0.89x at 512, 0.96x at
+# 128 (bench.py's "mosaic_gpu_split_dkv" turns it on).
+# (mosaic_gpu.SPLIT_LOOPS: the forwards.)
+SPLIT_LOOPS = True
+SPLIT_LOOPS_DKV = False
 
 
 def _exp_under_second(mma, shape, probs, interp):
@@ -59,7 +71,6 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
   dtype = q.dtype
   c = float(scale) * _LOG2E
   kw = dict(t=t, back=left, ahead=right, block_src=bq, block_dst=bk)
-  max_steps = _max_steps(n, **kw)
   interp = common.interpret_params(interpret)
 
   def swa_dq(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, delta_ref,
@@ -88,39 +99,26 @@ def _backward_dq(q, k, v, do, o, lse, *, t, left, right, scale, interpret):
     delta_ref.at[bb, hh, rows][...] = delta_i
     plgpu.barrier_wait(bars.at[0])
 
-    def body(idx, k_smem, v_smem, dq_acc):
-      (i,) = idx
-      kt = start + i
+    def step(dq_acc, k_smem, v_smem, kt, interior):
+      def mma(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
+        plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
+      p, dp = _exp_under_second(
+          mma, (bq, bk), lambda s: jnp.exp2(
+              s * c - _bcast(lse_i, (bq, bk), 0)), interp)
+      p = _edge_mask(p, interior, lambda: _visible(
+          q0, kt * bk, (bq, bk), t=t, left=left, right=right,
+          keys_on_rows=False), 0.0)
+      ds = p * (dp - _bcast(delta_i, (bq, bk), 0))
+      ds16 = _a_operand(ds.astype(dtype), ds_smem)
+      (dq_acc,) = common.accumulate(
+          lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
+      return dq_acc
 
-      def step(dq_acc, interior):
-        def mma(s_ref, dp_ref):
-          plgpu.wgmma(s_ref, q_smem, k_smem.transpose((1, 0)))
-          plgpu.wgmma(dp_ref, do_smem, v_smem.transpose((1, 0)))
-        p, dp = _exp_under_second(
-            mma, (bq, bk), lambda s: jnp.exp2(
-                s * c - _bcast(lse_i, (bq, bk), 0)), interp)
-        p = _edge_mask(p, interior, lambda: _visible(
-            q0, kt * bk, (bq, bk), t=t, left=left, right=right,
-            keys_on_rows=False), 0.0)
-        ds = p * (dp - _bcast(delta_i, (bq, bk), 0))
-        ds16 = _a_operand(ds.astype(dtype), ds_smem)
-        (dq_acc,) = common.accumulate(
-            lambda r: plgpu.wgmma(r, ds16, k_smem), (dq_acc,), interp)
-        return dq_acc
-
-      interior = _interior(q0, kt * bk, t=t, left=left, right=right,
-                           block_q=bq, block_kv=bk)
-      return _skip_or(kt < end, interior, step, dq_acc)
-
-    clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
-    pipeline = plgpu.emit_pipeline(
-        body, grid=(max_steps,),
-        in_specs=[plgpu.BlockSpec((bk, d), clamp, transforms=_TILED),
-                  plgpu.BlockSpec((bk, dv), clamp, transforms=_TILED)],
-        out_specs=[], max_concurrent_steps=max(1, min(2, max_steps)),
-        init_carry=plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32),
-                                     _WGMMA))
-    dq = pipeline(k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh])
+    zeros = plgpu.layout_cast(jnp.zeros((bq, d), jnp.float32), _WGMMA)
+    dq = key_steps(
+        step, k_ref.at[bb, :, kvh], v_ref.at[bb, :, kvh], zeros, qt=qt,
+        start=start, end=end, t=t, left=left, right=right, split=SPLIT_LOOPS)
     dq_smem[...] = (dq * float(scale)).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bb, rows, hh])
@@ -292,9 +290,9 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
       plgpu.copy_smem_to_gmem(dq_smem, dq_acc.at[bb, rows, hh, cols],
                               reduction_op="add")
 
-    def body(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
-      qt = start + idx[0]
-
+    def at(qt, q_smem, do_smem, lse_smem, delta_smem, carry, interior=None):
+      """One step on query tile qt; interior None: decided here (the step
+      skipped outside the warpgroup's range, masked on an edge tile)."""
       def step(carry, interior):
         dk_acc, dv_acc = carry
         if PV_FIRST and not fused:
@@ -328,23 +326,45 @@ def _backward_dkv(q, k, v, do, lse, delta, *, t, left, right, scale,
             add_dq(dq_part, qt, cols)
         return carry
 
+      if interior is not None:
+        return step(carry, interior)
       valid = (qt >= own_start) & (qt < own_end)
       interior = _interior(qt * bq, k0, t=t, left=left, right=right,
                            block_q=bq, block_kv=bk)
       return turns.skip_or(valid, interior, step, carry)
 
-    clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
-    clamp1 = lambda i: (jnp.minimum(start + i, n - 1),)
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        body, grid=(steps,), memory_registers=_MEMORY_REGS,
-        in_specs=[plgpu.BlockSpec((bq, d), clamp, transforms=_TILED),
-                  plgpu.BlockSpec((bq, dv), clamp, transforms=_TILED),
-                  plgpu.BlockSpec((bq,), clamp1),
-                  plgpu.BlockSpec((bq,), clamp1)],
-        max_concurrent_steps=max(1, min(2, steps)), num_compute_wgs=_WGS,
-        wg_axis="wg", compute_context=compute)
-    pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh],
-             lse_ref.at[bb, hh], delta_ref.at[bb, hh])
+    if not SPLIT_LOOPS_DKV:
+      clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
+      clamp1 = lambda i: (jnp.minimum(start + i, n - 1),)
+      pipeline = plgpu.emit_pipeline_warp_specialized(
+          lambda idx, *refs: at(start + idx[0], *refs),
+          grid=(steps,), memory_registers=_MEMORY_REGS,
+          in_specs=[plgpu.BlockSpec((bq, d), clamp, transforms=_TILED),
+                    plgpu.BlockSpec((bq, dv), clamp, transforms=_TILED),
+                    plgpu.BlockSpec((bq,), clamp1),
+                    plgpu.BlockSpec((bq,), clamp1)],
+          max_concurrent_steps=max(1, min(2, steps)), num_compute_wgs=_WGS,
+          wg_axis="wg", compute_context=compute)
+      pipeline(q_ref.at[bb, :, hh], do_ref.at[bb, :, hh],
+               lse_ref.at[bb, hh], delta_ref.at[bb, hh])
+      return
+
+    # Edge steps (some warpgroup skips or masks the query tile) first, then
+    # the query tiles interior to both warpgroups' key tiles.
+    _, cta_end = jnp_range(_WGS * ct + _WGS - 1)
+    lo, hi = cta_interior(
+        [_WGS * ct + i for i in range(_WGS)], start=start, end=cta_end, t=t,
+        left=left, right=right, block_q=bq, block_kv=bk, keys_on_rows=True)
+    rows = lambda qt: pl.ds(qt * bq, bq)
+    pipe.warp_specialized(
+        at, [(lambda qt: q_ref.at[bb, rows(qt), hh], (bq, d), dtype, _TILED),
+             (lambda qt: do_ref.at[bb, rows(qt), hh], (bq, dv), dtype,
+              _TILED),
+             (lambda qt: lse_ref.at[bb, hh, rows(qt)], (bq,), jnp.float32, ()),
+             (lambda qt: delta_ref.at[bb, hh, rows(qt)], (bq,), jnp.float32,
+              ())],
+        start=start, lo=lo, hi=hi, end=cta_end, wgs=_WGS,
+        memory_registers=_MEMORY_REGS, compute=compute)
 
   tile16 = plgpu.SMEM((_WGS, bk, bq), dtype, transforms=_TILED)
   scratch = [plgpu.SMEM((_WGS, bk, d), dtype, transforms=_TILED),

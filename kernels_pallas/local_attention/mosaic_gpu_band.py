@@ -9,10 +9,13 @@ gives the math.
 
 from __future__ import annotations
 
+import functools
+
 from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 
 from kernels_pallas import mosaic_gpu_common as common
+from kernels_pallas import mosaic_gpu_pipeline as pipe
 
 _BLOCK = 64
 _WGS = 2            # compute warpgroups of the dk/dv kernel, a key tile each
@@ -57,6 +60,43 @@ def _interior(q0, k0, *, t, left, right, block_q, block_kv):
           & (k0 + block_kv - 1 < t))
 
 
+def interior_range(tile, *, t, left, right, block_q, block_kv,
+                   keys_on_rows=False, start=0, end=None, maximum=max,
+                   minimum=min):
+  """[lo, hi) of the partner tiles p for which `_interior` holds, clamped
+  into [start, end) (start <= lo <= hi <= end): for a query tile `tile`,
+  the key tiles (k0 = p block_kv); for a key tile (keys_on_rows), the query
+  tiles (q0 = p block_q). `_interior` bounds the partner's first position
+  from both sides, so these tiles are one run. Python ints or, with
+  maximum=jnp.maximum, minimum=jnp.minimum, traced int32 scalars."""
+  ceil = lambda x, m: (maximum(x, 0) + m - 1) // m
+  if keys_on_rows:    # k0 + bk - 1 - right <= q0 <= k0 + left - bq + 1
+    k0 = tile * block_kv
+    lo = ceil(k0 + block_kv - 1 - right, block_q)
+    hi = maximum(k0 + left + 1, 0) // block_q
+    hi = hi * (k0 + block_kv <= t)     # none with a padded key in the tile
+  else:               # q0 + bq - 1 - left <= k0 <= min(q0 + right, t - 1) - bk + 1
+    q0 = tile * block_q
+    lo = ceil(q0 + block_q - 1 - left, block_kv)
+    hi = maximum(minimum(q0 + right, t - 1) + 1, 0) // block_kv
+  if end is not None:
+    lo = minimum(maximum(lo, start), end)
+    hi = maximum(minimum(hi, end), lo)
+  return lo, hi
+
+
+def cta_interior(tiles, *, start, end, **kw):
+  """[lo, hi) of the partner tiles interior to each of `tiles` (traced: the
+  own tiles of a CTA's compute warpgroups), clamped into the CTA's
+  [start, end); kw as `interior_range`'s."""
+  ranges = [interior_range(tile, **kw, maximum=jnp.maximum,
+                           minimum=jnp.minimum) for tile in tiles]
+  lo = functools.reduce(jnp.maximum, [r[0] for r in ranges])
+  hi = functools.reduce(jnp.minimum, [r[1] for r in ranges])
+  lo = jnp.minimum(jnp.maximum(lo, start), end)
+  return lo, jnp.maximum(jnp.minimum(hi, end), lo)
+
+
 def _max_steps(n_src, **kw):
   return max(e - s for s, e in (tile_range(i, **kw) for i in range(n_src)))
 
@@ -99,3 +139,39 @@ def _cta_range(cta, **kw):
 
 def _cta_steps(n_cta, **kw):
   return max(e - s for s, e in (_cta_range(c, **kw) for c in range(n_cta)))
+
+
+def key_steps(step, k_rows, v_rows, carry, *, qt, start, end, t, left, right,
+              split):
+  """The steps of a one-warpgroup kernel (forward, dq) over the key tiles
+  [start, end) of query tile qt, both _BLOCK: carry = step(carry, k_smem,
+  v_smem, kt, interior) per key tile kt; k_rows [Tp, D], v_rows [Tp, V]
+  in GMEM. split: the edge tiles then the interior ones in two loops
+  (`mosaic_gpu_pipeline.kv_loops`, interior True or False there); else one
+  `emit_pipeline` loop over the most steps any query tile takes, interior
+  a traced bool, steps past `end` skipped."""
+  n = k_rows.shape[0] // _BLOCK
+  if split:
+    lo, hi = interior_range(qt, t=t, left=left, right=right, block_q=_BLOCK,
+                            block_kv=_BLOCK, start=start, end=end,
+                            maximum=jnp.maximum, minimum=jnp.minimum)
+    return pipe.kv_loops(step, k_rows, v_rows, carry, start=start, lo=lo,
+                         hi=hi, end=end, block=_BLOCK, transforms=_TILED)
+
+  def body(idx, k_smem, v_smem, carry):
+    kt = start + idx[0]
+    interior = _interior(qt * _BLOCK, kt * _BLOCK, t=t, left=left,
+                         right=right, block_q=_BLOCK, block_kv=_BLOCK)
+    return _skip_or(kt < end, interior, lambda carry, interior: step(
+        carry, k_smem, v_smem, kt, interior), carry)
+
+  steps = _max_steps(n, t=t, back=left, ahead=right)
+  clamp = lambda i: (jnp.minimum(start + i, n - 1), 0)
+  return plgpu.emit_pipeline(
+      body, grid=(steps,),
+      in_specs=[plgpu.BlockSpec((_BLOCK, k_rows.shape[1]), clamp,
+                                transforms=_TILED),
+                plgpu.BlockSpec((_BLOCK, v_rows.shape[1]), clamp,
+                                transforms=_TILED)],
+      out_specs=[], max_concurrent_steps=max(1, min(2, steps)),
+      init_carry=carry)(k_rows, v_rows)

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas import mosaic_gpu_pipeline as pipeline
 from kernels_pallas.local_attention import mosaic_gpu as swa_gpu
+from kernels_pallas.local_attention import mosaic_gpu_band as swa_band
 from kernels_pallas.local_attention import mosaic_gpu_backward as swa_gpu_backward
 from tests.oracles.sliding_window import sliding_window_attention as oracle
 
@@ -108,10 +110,55 @@ def test_tile_ranges_match_band_mask(t, left, right):
   assert real.any(axis=1).all()              # every real query sees a key
 
 
+@pytest.mark.parametrize("t,left,right", [
+    (1, 0, 0), (130, 0, 0), (130, 2, 50), (200, 190, 0), (200, 17, 0),
+    (150, 149, 149), (191, 63, 64), (1000, 300, 5), (3000, 1000, 0),
+    (1000, 127, 128)])
+def test_interior_ranges_match_band_mask(t, left, right):
+  # interior_range / cta_interior (the pipelines' interior loops) against
+  # the tiles the padded band mask shows to be all-visible; edge_first
+  # visits each tile of [start, end) once, the non-interior ones first.
+  tp = -(-t // 128) * 128
+  pad_keys = np.zeros((tp, tp), bool)
+  pad_keys[:, :t] = _band(t, left, right, tp)
+  full = lambda bq, bk, a, c: pad_keys[a * bq:(a + 1) * bq,
+                                       c * bk:(c + 1) * bk].all()
+  kw = dict(t=t, left=left, right=right)
+  for bq, bk in ((64, 64), (64, 128)):         # dq and forwards; forward_ws
+    for a in range(tp // bq):                  # query tile -> key tiles
+      s, e = swa_gpu.tile_range(a, t=t, back=left, ahead=right,
+                                block_src=bq, block_dst=bk)
+      lo, hi = swa_band.interior_range(a, **kw, block_q=bq, block_kv=bk,
+                                       start=s, end=e)
+      want = [c for c in range(s, e) if full(bq, bk, a, c)]
+      assert list(range(lo, hi)) == want and s <= lo <= hi <= e, (a, bk)
+      n_edge, n_interior, tile = pipeline.edge_first(s, lo, hi, e)
+      order = [int(tile(i)) for i in range(n_edge + n_interior)]
+      assert sorted(order) == list(range(s, e)), (a, order)
+      assert order[n_edge:] == want, (a, order)
+  n = tp // 64
+  for c in range(n):                           # key tile -> query tiles
+    s, e = swa_gpu.tile_range(c, t=t, back=right, ahead=left)
+    lo, hi = swa_band.interior_range(c, **kw, block_q=64, block_kv=64,
+                                     keys_on_rows=True, start=s, end=e)
+    assert list(range(lo, hi)) == [a for a in range(s, e)
+                                   if full(64, 64, a, c)], c
+  for ct in range(n // 2):                     # a dk/dv CTA's two key tiles
+    s, _ = swa_gpu.tile_range(2 * ct, t=t, back=right, ahead=left)
+    _, e = swa_gpu.tile_range(2 * ct + 1, t=t, back=right, ahead=left)
+    lo, hi = swa_band.cta_interior([2 * ct, 2 * ct + 1], start=s, end=e,
+                                   **kw, block_q=64, block_kv=64,
+                                   keys_on_rows=True)
+    want = [a for a in range(s, e)
+            if full(64, 64, a, 2 * ct) and full(64, 64, a, 2 * ct + 1)]
+    assert list(range(int(lo), int(hi))) == want, ct
+    assert s <= int(lo) <= int(hi) <= e, ct
+
+
 def test_tile_ranges_are_block_sparse():
   # T = 16384, causal window 512: at most 9 of the 256 key tiles per CTA.
   kw = dict(t=16384, back=511, ahead=0)
-  assert swa_gpu._max_steps(256, **kw) == 9
+  assert swa_band._max_steps(256, **kw) == 9
   assert swa_gpu.tile_range(100, **kw) == (92, 101)
   assert swa_gpu.tile_range(3, **kw) == (0, 4)
 
@@ -140,12 +187,15 @@ _CASES = [
     (256, 4, 1, 5, 9, 1, True),       # one CTA walks everything
 ])
 def test_interpret_persistent_dkv_equals_split(t, h, hkv, left, right, ctas,
-                                                pingpong):
+                                                pingpong, monkeypatch):
   # CTAs that walk several items (K, V double-buffered, the accumulators
   # restarted per item, the dk/dv stores overlapping the next item) give
   # the split dk/dv kernel's results, summed over each group's heads: MHA
-  # bitwise (the same wgmmas on the same operands), GQA up to the order of
-  # the float32 sum over heads (the split one rounds per head first).
+  # bitwise (the same wgmmas on the same operands, in the same order: the
+  # split kernel in one loop, as the persistent one runs), GQA up to the
+  # order of the float32 sum over heads (the split one rounds per head
+  # first).
+  monkeypatch.setattr(swa_gpu_backward, "SPLIT_LOOPS_DKV", False)
   d = 64
   q, k, v, w = _inputs(t, h, hkv, d, jnp.bfloat16, seed=14)
   do = w.astype(jnp.bfloat16)
@@ -249,6 +299,30 @@ def test_interpret_pv_first_dkv_matches_oracle(t, h, hkv, left, right,
   fn = lambda q, k, v: swa_gpu.sliding_window_attention(
       q, k, v, left=left, right=right, scale=0.125, interpret=True)
   ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=0.125)
+  for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
+                            _grads(ref, q, k, v, w)):
+    _check_close(g, g_ref, name)
+
+
+@pytest.mark.parametrize("forward", ["single", "warp_specialized"])
+@pytest.mark.parametrize("split_loops", [True, False])
+def test_interpret_split_loops_match_oracle(forward, split_loops,
+                                            monkeypatch):
+  # T = 640, window (300, 70): most steps are interior to both warpgroups
+  # of a CTA, so the kernels' second (interior, unmasked) loop does most
+  # of the work; edge tiles on both sides, some skipped by one warpgroup.
+  # Every kernel in two loops (the forwards' and dq's default; dk/dv's
+  # SPLIT_LOOPS_DKV) and every kernel in one.
+  monkeypatch.setattr(swa_gpu, "SPLIT_LOOPS", split_loops)
+  monkeypatch.setattr(swa_gpu_backward, "SPLIT_LOOPS", split_loops)
+  monkeypatch.setattr(swa_gpu_backward, "SPLIT_LOOPS_DKV", split_loops)
+  t, left, right = 640, 300, 70
+  q, k, v, w = _inputs(t, 2, 1, 64, jnp.bfloat16, seed=41)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=left, right=right, scale=0.125, interpret=True,
+      forward=forward)
+  ref = lambda q, k, v: oracle(q, k, v, left=left, right=right, scale=0.125)
+  _check_close(fn(q, k, v), ref(q, k, v), "o")
   for name, g, g_ref in zip(("dq", "dk", "dv"), _grads(fn, q, k, v, w),
                             _grads(ref, q, k, v, w)):
     _check_close(g, g_ref, name)
@@ -539,6 +613,22 @@ def test_backward_step_orders_lower_for_cuda(overlap, pv_first, monkeypatch):
   module = _export(grad, t).mlir_module()
   assert len(re.findall(r"custom_call @mosaic_gpu", module)) == 3
   assert module.count("wgmma.wait_group.sync.aligned 1") == int(overlap)
+
+
+@pytest.mark.parametrize("forward", ["single", "warp_specialized"])
+def test_split_loop_kernels_lower_for_cuda(forward, monkeypatch):
+  # Every kernel of the op with its steps in two loops (the dk/dv kernel's
+  # too, SPLIT_LOOPS_DKV), T = 16384, window 2048, GQA.
+  monkeypatch.setattr(swa_gpu, "SPLIT_LOOPS", True)
+  monkeypatch.setattr(swa_gpu_backward, "SPLIT_LOOPS", True)
+  monkeypatch.setattr(swa_gpu_backward, "SPLIT_LOOPS_DKV", True)
+  fn = lambda q, k, v: swa_gpu.sliding_window_attention(
+      q, k, v, left=2047, right=0, scale=128 ** -0.5, forward=forward)
+  grad = lambda q, k, v: jax.grad(
+      lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(
+          q, k, v)
+  module = _export(grad, 16384).mlir_module()
+  assert len(re.findall(r"custom_call @mosaic_gpu", module)) == 3
 
 
 @pytest.mark.parametrize("h,hkv,d,pingpong", [(4, 2, 128, False),
