@@ -20,6 +20,11 @@ Step s of n_edge + n_interior reads buffer slot s % slots, filled by
 - `produce` and `run` with `consumed` (warp-specialized): a memory
   warpgroup issues them once every compute warpgroup has arrived on
   `consumed.at[slot]` after step s.
+`kv_loops` (one warpgroup streaming K and V tiles) and `warp_specialized`
+(`emit_pipeline_warp_specialized`'s shape) put them together. On the H100
+(BENCHMARKS.md 4u) the sliding-window forwards and dq kernel gained
+1.01-1.07x from them; its warp-specialized dk/dv kernel did not (0.89x at
+window 512), so it keeps `emit_pipeline_warp_specialized` by default.
 """
 
 from __future__ import annotations
